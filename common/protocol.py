@@ -1,0 +1,305 @@
+"""Typed, versioned messages between the router and the stage workers.
+
+On the wire a message is a multipart ZeroMQ message: frame 0 is a msgpack map
+(the header), the following frames are raw buffers. Every numpy array and every
+`bytes` value in a message travels as its own frame (zero-copy on send), and the
+header holds a small marker `{"__frame__": i, "dtype": ..., "shape": ...}` in
+its place. Decoding is bounded and constructs nothing but plain containers,
+whitelisted numpy dtypes and the pydantic models below, which validate every
+field: a peer that sends garbage gets a `ProtocolError`, never a crash.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Any, Literal, Union
+
+import msgpack
+import numpy as np
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, TypeAdapter, ValidationError
+
+PROTOCOL_VERSION = 1
+# Limits on what a decoder accepts from a peer.
+MAX_FRAMES = 64
+MAX_HEADER_BYTES = 1 << 20
+_ALLOWED_DTYPES = {"int64", "int32", "int16", "uint8", "float32", "float16", "bool"}
+
+
+class ProtocolError(ValueError):
+    """A message that is malformed, of an unknown type or of another protocol version."""
+
+
+def _as_ndarray(value: Any) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"expected an array frame, got {type(value).__name__}")
+    return value
+
+
+NDArray = Annotated[np.ndarray, BeforeValidator(_as_ndarray), PlainSerializer(lambda a: a)]
+
+
+class Stage(str, Enum):
+    AR = "ar"
+    DIT = "dit"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, frozen=True)
+
+
+# ---------------------------------------------------------------------------
+# What a request is: the original prompt the router builds, and what each stage gets.
+
+
+class MMProcessorKwargs(_Model):
+    """The size the AR processor must build its scaffold for (GLM-Image's processor kwargs)."""
+
+    target_h: int
+    target_w: int
+
+
+class OriginalPrompt(_Model):
+    """Everything the user asked for, as every stage sees it.
+
+    The size appears twice on purpose: top-level `height`/`width` (what a DiT
+    pipeline reads) and `mm_processor_kwargs.target_h/target_w` (what the AR
+    processor reads). Peers that set only one produced noise at non-default sizes.
+    """
+
+    prompt: str
+    height: int
+    width: int
+    mm_processor_kwargs: MMProcessorKwargs
+    seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    negative_prompt: str | None = None
+    # PNG bytes of the condition images, already normalised to valid sizes by the router.
+    condition_images: list[bytes] = Field(default_factory=list)
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+
+
+class ARSampling(_Model):
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+
+
+class ARPrompt(_Model):
+    """Stage-0 prompt, shaped like a vLLM multimodal prompt."""
+
+    prompt: str
+    mm_processor_kwargs: MMProcessorKwargs
+    images: list[bytes] = Field(default_factory=list)
+
+
+class ARJob(_Model):
+    stage: Literal["ar"] = "ar"
+    prompt: ARPrompt
+    sampling: ARSampling
+
+
+class ARResult(_Model):
+    stage: Literal["ar"] = "ar"
+    # Target grid at d32 resolution, shape (target_h, target_w); the DiT upsamples it.
+    prior_token_ids: NDArray
+    # One d32 grid per condition image (image-to-image), shape (h, w).
+    prior_token_image_ids: list[NDArray] = Field(default_factory=list)
+    target_h: int  # the size the stage actually used, in pixels
+    target_w: int
+    num_generated_tokens: int
+
+
+class DiTJob(_Model):
+    stage: Literal["dit"] = "dit"
+    original_prompt: OriginalPrompt
+    prior_token_ids: NDArray
+    prior_token_image_ids: list[NDArray] = Field(default_factory=list)
+
+
+class DiTResult(_Model):
+    stage: Literal["dit"] = "dit"
+    image: bytes
+    output_format: str
+    height: int  # the size the stage actually used
+    width: int
+
+
+JobPayload = Annotated[Union[ARJob, DiTJob], Field(discriminator="stage")]
+ResultPayload = Annotated[Union[ARResult, DiTResult], Field(discriminator="stage")]
+
+
+# ---------------------------------------------------------------------------
+# Bus messages.
+
+
+class WorkerInfo(_Model):
+    worker_id: str
+    stage: Stage
+    model: str
+    capacity: int = Field(ge=1)
+    pid: int
+    host: str
+
+
+class Heartbeat(_Model):
+    """Worker -> router, periodically. Carries the full registration, so a router
+    that restarts (or a second replica) rebuilds its worker table from heartbeats alone."""
+
+    type: Literal["heartbeat"] = "heartbeat"
+    info: WorkerInfo
+    in_flight: list[str] = Field(default_factory=list)
+    draining: bool = False
+
+
+class Goodbye(_Model):
+    """Worker -> router: deregister (after a drain)."""
+
+    type: Literal["goodbye"] = "goodbye"
+    worker_id: str
+
+
+class RouterPing(_Model):
+    """Router -> worker, periodically, so workers notice a lost router and reconnect."""
+
+    type: Literal["router_ping"] = "router_ping"
+    router_id: str
+
+
+class JobRequest(_Model):
+    """Router -> worker: run one stage of one image."""
+
+    type: Literal["job"] = "job"
+    job_id: str  # unique per attempt
+    request_id: str
+    deadline_s: float  # seconds the worker has for this job
+    payload: JobPayload
+
+
+class JobCancel(_Model):
+    type: Literal["cancel"] = "cancel"
+    job_id: str
+
+
+class JobResult(_Model):
+    type: Literal["result"] = "result"
+    job_id: str
+    worker_id: str
+    payload: ResultPayload
+    timings: dict[str, float] = Field(default_factory=dict)
+
+
+class ErrorCode(str, Enum):
+    BAD_REQUEST = "bad_request"  # the input cannot be served; retrying will not help
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+    OVERLOADED = "overloaded"  # the worker is at capacity or draining; try another
+    INTERNAL = "internal"
+
+
+class JobError(_Model):
+    type: Literal["error"] = "error"
+    job_id: str
+    worker_id: str
+    code: ErrorCode
+    message: str
+
+
+Message = Annotated[
+    Union[Heartbeat, Goodbye, RouterPing, JobRequest, JobCancel, JobResult, JobError],
+    Field(discriminator="type"),
+]
+_MESSAGE_ADAPTER: TypeAdapter[Any] = TypeAdapter(Message)
+
+
+# ---------------------------------------------------------------------------
+# Codec.
+
+
+def encode(message: BaseModel) -> list[bytes | memoryview]:
+    """Serialise a message into ZeroMQ frames: [header, *buffers]."""
+    frames: list[bytes | memoryview] = []
+    body = _extract_frames(message.model_dump(mode="python"), frames)
+    header = msgpack.packb({"v": PROTOCOL_VERSION, "body": body}, use_bin_type=True)
+    return [header, *frames]
+
+
+def _extract_frames(value: Any, frames: list) -> Any:
+    if isinstance(value, np.ndarray):
+        arr = np.ascontiguousarray(value)
+        frames.append(memoryview(arr).cast("B") if arr.size else b"")
+        return {"__frame__": len(frames), "dtype": arr.dtype.name, "shape": list(arr.shape)}
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        frames.append(value)
+        return {"__frame__": len(frames)}
+    if isinstance(value, dict):
+        return {k: _extract_frames(v, frames) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_extract_frames(v, frames) for v in value]
+    if isinstance(value, Enum):
+        return value.value
+    return value
+
+
+def decode(frames: list[bytes | memoryview]) -> Any:
+    """Parse and validate frames from a peer; raise ProtocolError on anything wrong."""
+    if not frames or len(frames) > MAX_FRAMES:
+        raise ProtocolError(f"expected 1..{MAX_FRAMES} frames, got {len(frames)}")
+    header_bytes = bytes(frames[0])
+    if len(header_bytes) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(header_bytes)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(
+            header_bytes,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=MAX_HEADER_BYTES,
+            max_bin_len=0,  # buffers travel as frames, never inside the header
+            max_array_len=100_000,
+            max_map_len=1_000,
+            ext_hook=_reject_ext,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"undecodable header: {exc}") from exc
+    if not isinstance(header, dict) or "v" not in header or "body" not in header:
+        raise ProtocolError("header is not a {v, body} map")
+    if header["v"] != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {header['v']!r} is not {PROTOCOL_VERSION}")
+    body = _restore_frames(header["body"], frames)
+    try:
+        return _MESSAGE_ADAPTER.validate_python(body)
+    except ValidationError as exc:
+        raise ProtocolError(f"invalid message: {exc.error_count()} error(s): {exc.errors()[0]['msg']}") from exc
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"msgpack extension type {code} is not allowed")
+
+
+def _restore_frames(value: Any, frames: list) -> Any:
+    if isinstance(value, dict):
+        if "__frame__" in value:
+            return _frame_value(value, frames)
+        return {k: _restore_frames(v, frames) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_restore_frames(v, frames) for v in value]
+    return value
+
+
+def _frame_value(marker: dict, frames: list) -> Any:
+    index = marker["__frame__"]
+    if not isinstance(index, int) or not 1 <= index < len(frames):
+        raise ProtocolError(f"frame index {index!r} out of range")
+    buf = frames[index]
+    if "dtype" not in marker:
+        return bytes(buf)
+    dtype, shape = marker["dtype"], marker.get("shape")
+    if dtype not in _ALLOWED_DTYPES:
+        raise ProtocolError(f"dtype {dtype!r} is not allowed")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) > 4:
+        raise ProtocolError(f"bad array shape {shape!r}")
+    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if len(buf) != expected:
+        raise ProtocolError(f"array frame has {len(buf)} bytes, shape {shape} of {dtype} needs {expected}")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)

@@ -1,0 +1,145 @@
+"""Stage configuration: one YAML file describes the pipeline's stages, limits and bus timing.
+
+The shape follows vLLM-Omni's stage configs (a list of stages with an id,
+devices, engine arguments and default sampling parameters) so users coming
+from there recognise it. Unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from common.sizes import SizeLimits
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Limits(_Strict):
+    min_side: int = Field(256, ge=32)
+    max_side: int = Field(2048, ge=32)
+    max_aspect_ratio: float = Field(4.0, ge=1.0)
+    default_size: str = "1024x1024"
+    max_n: int = Field(10, ge=1)
+    max_prompt_chars: int = Field(8192, ge=1)
+    max_condition_images: int = Field(4, ge=0)
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(4096 * 4096, ge=1024)
+    max_inference_steps: int = Field(200, ge=1)
+    max_guidance_scale: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _sides_ordered(self) -> "Limits":
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side {self.min_side} exceeds max_side {self.max_side}")
+        return self
+
+    @property
+    def size_limits(self) -> SizeLimits:
+        return SizeLimits(self.min_side, self.max_side, self.max_aspect_ratio)
+
+
+class EngineArgs(_Strict):
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    # Jobs one worker runs at once; the router never sends it more.
+    max_num_seqs: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: int | None = Field(None, ge=1)
+    enforce_eager: bool = False
+
+
+class ARSamplingDefaults(_Strict):
+    temperature: float = Field(0.9, ge=0)
+    top_p: float = Field(0.75, gt=0, le=1)
+    top_k: int = Field(16512, ge=0)
+    seed: int = 42
+
+
+class DiTSamplingDefaults(_Strict):
+    num_inference_steps: int = Field(50, ge=1)
+    guidance_scale: float = Field(1.5, ge=0)
+    seed: int = 42
+
+
+class StageTimeouts(_Strict):
+    job_deadline_s: float = Field(600.0, gt=0)
+
+
+class ARStageConfig(_Strict):
+    stage_id: Literal[0] = 0
+    stage_type: Literal["ar"] = "ar"
+    devices: str = "0"
+    engine: Literal["transformers", "vllm"] = "transformers"
+    engine_args: EngineArgs = EngineArgs()
+    default_sampling_params: ARSamplingDefaults = ARSamplingDefaults()
+    timeouts: StageTimeouts = StageTimeouts()
+
+
+class DiTStageConfig(_Strict):
+    stage_id: Literal[1] = 1
+    stage_type: Literal["dit"] = "dit"
+    devices: str = "1"
+    engine_args: EngineArgs = EngineArgs()
+    default_sampling_params: DiTSamplingDefaults = DiTSamplingDefaults()
+    timeouts: StageTimeouts = StageTimeouts()
+
+
+class BusConfig(_Strict):
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    # A worker silent this long is dead; a router silent this long makes workers reconnect.
+    peer_timeout_s: float = Field(5.0, gt=0)
+    max_message_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+
+
+class RouterSettings(_Strict):
+    request_deadline_s: float = Field(1200.0, gt=0)
+    max_retries: int = Field(2, ge=0)
+    # Jobs that may wait per stage for a free worker slot before new requests get 429.
+    queue_limit_per_stage: int = Field(64, ge=0)
+    # How long a job may wait for a live worker of its stage to appear before a 503.
+    no_worker_grace_s: float = Field(5.0, ge=0)
+
+
+class StageConfig(_Strict):
+    """The whole deployment description loaded from `stage_configs/*.yaml`."""
+
+    model: str | None = None
+    limits: Limits = Limits()
+    bus: BusConfig = BusConfig()
+    router: RouterSettings = RouterSettings()
+    stage_args: tuple[ARStageConfig, DiTStageConfig]
+
+    @property
+    def ar(self) -> ARStageConfig:
+        return self.stage_args[0]
+
+    @property
+    def dit(self) -> DiTStageConfig:
+        return self.stage_args[1]
+
+
+class StageConfigError(ValueError):
+    """The stage config file is unreadable or invalid; the message names the offending key."""
+
+
+def load_stage_config(path: str | Path) -> StageConfig:
+    """Load and validate a stage config YAML file."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise StageConfigError(f"cannot read stage config {path}: {exc}") from exc
+    try:
+        return StageConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"{where}: {msg}")
+        raise StageConfigError(f"invalid stage config {path}:\n  " + "\n  ".join(lines)) from exc

@@ -1,0 +1,59 @@
+"""Errors the router turns into HTTP responses: each carries its status and a message for the user."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+class InvalidRequest(ServiceError):
+    """The client sent something we cannot serve; the message says what to fix."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class PayloadTooLarge(InvalidRequest):
+    status_code = 413
+
+
+class UnsupportedMediaType(InvalidRequest):
+    status_code = 415
+
+
+class NotFound(InvalidRequest):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class Overloaded(ServiceError):
+    """Admission control: the stage queue is full. Sent with Retry-After."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+
+
+class NoLiveWorkers(ServiceError):
+    """No live worker of a stage; names the stage."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class DeadlineExceeded(ServiceError):
+    status_code = 504
+    error_type = "timeout_error"
+
+
+class StageFailed(ServiceError):
+    """A stage failed for a reason retries did not fix; carries the worker's cause."""
+
+    status_code = 502
+    error_type = "stage_error"

@@ -1,0 +1,133 @@
+"""AR engine on Hugging Face transformers: `GlmImageForConditionalGeneration.generate`.
+
+One request at a time per engine. Sampling seeds the global torch RNG right
+before `generate()`, exactly as diffusers' `GlmImagePipeline.generate_prior_tokens`
+does, so a seed gives the same tokens here as in the reference pipeline; the
+lock keeps that seeding from interleaving with another request's sampling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoProcessor, GlmImageForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
+
+from common.sizes import token_layout
+from common.stage_config import EngineArgs
+from stage_ar.engine import AREngine, ARGenerationOutput, ARGenerationRequest, GenerationCancelled
+from stage_ar.grid_constraint import ImageGridConstraint
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _CancelOnEvent(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class TransformersAREngine(AREngine):
+    """Loads `processor` + `vision_language_encoder` from a GLM-Image folder via `from_pretrained`."""
+
+    def __init__(self, model_path: str | Path, engine_args: EngineArgs, device: str = "cpu"):
+        self.device = torch.device(device)
+        self.processor = AutoProcessor.from_pretrained(str(model_path), subfolder="processor")
+        self.model = GlmImageForConditionalGeneration.from_pretrained(
+            str(model_path), subfolder="vision_language_encoder", dtype=_DTYPES[engine_args.dtype]
+        ).to(self.device)
+        self.model.eval()
+        config = self.model.config
+        self.codebook_size = config.vq_config.num_embeddings
+        self.eos_token_id = config.image_end_token_id
+        # Our grid constraint replaces suppress_tokens (which would also forbid the final EOS).
+        self.generation_config = copy.deepcopy(self.model.generation_config)
+        self.generation_config.suppress_tokens = None
+        self._lock = threading.Lock()
+        self._cancel_events: dict[str, threading.Event] = {}
+
+    async def generate(self, request: ARGenerationRequest) -> ARGenerationOutput:
+        cancel = threading.Event()
+        self._cancel_events[request.request_id] = cancel
+        try:
+            return await asyncio.to_thread(self._generate_blocking, request, cancel)
+        finally:
+            self._cancel_events.pop(request.request_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        event = self._cancel_events.get(request_id)
+        if event is not None:
+            event.set()
+
+    def build_inputs(self, request: ARGenerationRequest):
+        """The scaffold, built by the processor for the target size (as the diffusers pipeline does)."""
+        content = [{"type": "image", "image": img} for img in request.condition_images]
+        content.append({"type": "text", "text": request.prompt})
+        return self.processor.apply_chat_template(
+            [[{"role": "user", "content": content}]],
+            tokenize=True,
+            processor_kwargs={"target_h": request.height, "target_w": request.width},
+            return_dict=True,
+            return_tensors="pt",
+        ).to(self.device)
+
+    @torch.inference_mode()
+    def _generate_blocking(self, request: ARGenerationRequest, cancel: threading.Event) -> ARGenerationOutput:
+        image_to_image = bool(request.condition_images)
+        layout = token_layout(request.height, request.width, image_to_image)
+        inputs = self.build_inputs(request)
+        grids = inputs["image_grid_thw"].tolist()
+        # The processor's target grid comes right after the condition images' grids.
+        target_grid = grids[len(request.condition_images)]
+        if target_grid[1:] != [layout.target_h, layout.target_w]:
+            raise RuntimeError(f"processor built a {target_grid[1:]} grid for {request.width}x{request.height}")
+
+        condition_ids = self._condition_prior_ids(inputs, grids[: len(request.condition_images)])
+        prompt_length = inputs["input_ids"].shape[1]
+        constraint = ImageGridConstraint(prompt_length, layout.tokens_to_generate, self.codebook_size, self.eos_token_id)
+        generation_config = copy.deepcopy(self.generation_config)
+        generation_config.max_new_tokens = generation_config.min_new_tokens = layout.tokens_to_generate
+        generation_config.do_sample = request.temperature > 0
+        if generation_config.do_sample:
+            generation_config.temperature = request.temperature
+            generation_config.top_p = request.top_p
+            generation_config.top_k = request.top_k
+        with self._lock:
+            if cancel.is_set():
+                raise GenerationCancelled(request.request_id)
+            torch.manual_seed(request.seed)
+            output = self.model.generate(
+                **inputs,
+                generation_config=generation_config,
+                logits_processor=[constraint],
+                stopping_criteria=StoppingCriteriaList([_CancelOnEvent(cancel)]),
+            )
+        if cancel.is_set():
+            raise GenerationCancelled(request.request_id)
+        generated = output[0, prompt_length:].cpu().numpy().astype(np.int64)
+        if generated.shape[0] != layout.tokens_to_generate:
+            raise RuntimeError(f"generated {generated.shape[0]} tokens, expected {layout.tokens_to_generate}")
+        start = layout.target_offset
+        prior = generated[start : start + layout.target_tokens].reshape(layout.target_h, layout.target_w)
+        return ARGenerationOutput(generated_token_ids=generated, prior_token_ids=prior, prior_token_image_ids=condition_ids)
+
+    def _condition_prior_ids(self, inputs, source_grids: list[list[int]]) -> list[np.ndarray]:
+        """VQ ids of each condition image at d32 (what the DiT caches the condition image with)."""
+        if not source_grids:
+            return []
+        grids = torch.tensor(source_grids, device=self.device)
+        features = self.model.get_image_features(inputs["pixel_values"], grids).pooler_output
+        if isinstance(features, (list, tuple)):
+            features = torch.cat(list(features), dim=0)
+        ids = self.model.get_image_tokens(features, grids)
+        split = torch.split(ids, grids.prod(dim=-1).tolist())
+        return [part.view(int(g[1]), int(g[2])).cpu().numpy().astype(np.int64) for part, g in zip(split, source_grids)]

@@ -395,7 +395,8 @@ class _ImageAPI:
             self._check_image_count(len(uploads))
             conditions = []
             for i, upload in enumerate(uploads):
-                what = f"image[{i}] ({upload.filename})" if upload.filename else f"image[{i}]"
+                # The file name is client text: quoted and cut short before it reaches logs and messages.
+                what = f"image[{i}] ({upload.filename[:64]!r})" if upload.filename else f"image[{i}]"
                 if upload.size is not None:
                     check_upload_size(upload.size, self.limits, what)
                 conditions.append(await self._condition_image(await upload.read(), what))

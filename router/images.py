@@ -111,7 +111,8 @@ def load_condition_image(raw: bytes, limits: Limits, what: str) -> ConditionImag
     except UnidentifiedImageError:
         raise InvalidRequest(f"{what} is not a {_ACCEPTED_TEXT} image") from None
     except Image.DecompressionBombError as exc:
-        raise InvalidRequest(f"{what} is too large to decode: {exc}") from None
+        # Pillow's own guard (2x Image.MAX_IMAGE_PIXELS) fired while reading the header.
+        raise _too_many_pixels(what, limits, exc) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidRequest(f"{what} could not be read as a {_ACCEPTED_TEXT} image: {exc}") from None
     with image:
@@ -125,7 +126,7 @@ def load_condition_image(raw: bytes, limits: Limits, what: str) -> ConditionImag
         try:
             image.load()
         except Image.DecompressionBombError as exc:
-            raise InvalidRequest(f"{what} is too large to decode: {exc}") from None
+            raise _too_many_pixels(what, limits, exc) from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise InvalidRequest(
                 f"{what} could not be decoded: the {image.format} data is truncated or corrupt ({exc})") from None
@@ -137,6 +138,12 @@ def load_condition_image(raw: bytes, limits: Limits, what: str) -> ConditionImag
     out = io.BytesIO()
     rgb.save(out, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
     return ConditionImage(out.getvalue(), target[0], target[1], source_width, source_height)
+
+
+def _too_many_pixels(what: str, limits: Limits, exc: Image.DecompressionBombError) -> InvalidRequest:
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    pixels = found.group(1) if found else "too many"
+    return InvalidRequest(f"{what} has {pixels} pixels; at most {limits.max_image_pixels} pixels are accepted")
 
 
 def _upright(image: Image.Image, what: str) -> Image.Image:

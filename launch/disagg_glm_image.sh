@@ -69,7 +69,8 @@ cleanup() {
     wait "${pids[@]}" 2>/dev/null || true
   fi
 }
-trap cleanup INT TERM EXIT
+trap cleanup EXIT
+trap 'cleanup; exit 130' INT TERM
 
 start() {  # start NAME CMD...: run in the background, logging to LOG_DIR/NAME.log if set
   local name=$1; shift

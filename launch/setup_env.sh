@@ -15,7 +15,7 @@ has_cuda() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2
 mode=cpu; has_cuda && mode=cuda
 
 stamp="$VENV/.glm-serve-deps"
-want=$(cat "$ROOT/pyproject.toml" "$ROOT"/requirements/*.txt "${BASH_SOURCE[0]}" 2>/dev/null | sha256sum | cut -c1-16)-$mode
+want=$({ cat "$ROOT/pyproject.toml" "${BASH_SOURCE[0]}"; cat "$ROOT"/requirements/*.txt 2>/dev/null || true; } | sha256sum | cut -c1-16)-$mode
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi

@@ -598,7 +598,8 @@ def create_app(orchestrator: ImageBackend, registry: CollectorRegistry) -> FastA
                       openapi_extra=_json_body(ChatCompletionRequest), summary="Images through the chat API")
     app.add_api_route("/v1/models", api.list_models, methods=["GET"], response_model=ModelList)
     app.add_api_route("/health", api.health, methods=["GET"])
-    app.add_api_route("/ready", api.ready, methods=["GET"])
+    app.add_api_route("/ready", api.ready, methods=["GET"],
+                      responses={503: {"description": "A stage has no live worker; the body gives the counts"}})
 
     async def metrics_endpoint() -> Response:
         """Prometheus metrics: the router's registry, HTTP metrics included."""

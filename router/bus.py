@@ -55,8 +55,10 @@ class RouterBus:
         self.ctx = zmq.asyncio.Context()
         self.socket: zmq.asyncio.Socket | None = None
         self.pending: dict[str, _PendingJob] = {}
-        # Notified whenever a worker slot may have opened or a worker appeared.
-        self.slots_changed = asyncio.Condition()
+        # Set, then replaced, whenever a worker slot may have opened or a worker appeared. An Event,
+        # not a Condition: waiters cancelled together (an n>1 request failing) could leave a
+        # Condition's lock held and every later request stuck behind it.
+        self._slots_event = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -120,13 +122,16 @@ class RouterBus:
                 pending.future.set_result(result)
         self._notify_slots()
 
-    def _notify_slots(self) -> None:
-        async def notify() -> None:
-            async with self.slots_changed:
-                self.slots_changed.notify_all()
+    async def wait_for_slots(self, timeout: float) -> None:
+        """Return when a worker slot may have opened or a worker appeared, or after `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._slots_event.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
 
-        # Condition.notify needs the lock; take it in a task so callers stay synchronous.
-        self._spawn(notify())
+    def _notify_slots(self) -> None:
+        self._slots_event.set()
+        self._slots_event = asyncio.Event()
 
     def _spawn(self, coro) -> None:
         # Owned: close() cancels whatever is still running.

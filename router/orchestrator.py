@@ -210,22 +210,18 @@ class Orchestrator:
         `no_worker_grace_s`, fail fast with 503 naming the stage."""
         grace = self.config.router.no_worker_grace_s
         no_worker_since: float | None = None
-        async with self.bus.slots_changed:
-            while True:
-                worker = self.pool.pick(stage)
-                if worker is not None:
-                    return worker
-                now = time.monotonic()
-                if self.pool.live(stage):
-                    no_worker_since = None
-                else:
-                    no_worker_since = no_worker_since or now
-                    if now - no_worker_since >= grace:
-                        raise NoLiveWorkers(f"no live {stage.value} worker is registered; start one or retry later", retry_after_s=5)
-                if now >= deadline_at:
-                    raise DeadlineExceeded(f"request deadline passed while waiting for a free {stage.value} worker")
-                # Woken by any registration or finished job; the timeout re-checks liveness.
-                try:
-                    await asyncio.wait_for(self.bus.slots_changed.wait(), timeout=min(0.5, max(deadline_at - now, 0.01)))
-                except asyncio.TimeoutError:
-                    pass
+        while True:
+            worker = self.pool.pick(stage)
+            if worker is not None:
+                return worker
+            now = time.monotonic()
+            if self.pool.live(stage):
+                no_worker_since = None
+            else:
+                no_worker_since = no_worker_since or now
+                if now - no_worker_since >= grace:
+                    raise NoLiveWorkers(f"no live {stage.value} worker is registered; start one or retry later", retry_after_s=5)
+            if now >= deadline_at:
+                raise DeadlineExceeded(f"request deadline passed while waiting for a free {stage.value} worker")
+            # Woken by any registration or finished job; the timeout re-checks liveness.
+            await self.bus.wait_for_slots(min(0.5, max(deadline_at - now, 0.01)))

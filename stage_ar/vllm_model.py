@@ -7,21 +7,23 @@ of tree (see `register`); nothing inside vLLM is patched.
 Decode positions. GLM-Image gives generated grid tokens 2D M-RoPE positions
 (t = grid start, h = start + row, w = start + col), while vLLM's model runner
 computes every decode position linearly as `context_len + mrope_position_delta`
-in all three channels. `get_mrope_input_positions` therefore returns a delta
-that makes those linear decode positions *encode* the request's grid layout:
+in all three channels (int32). `get_mrope_input_positions` therefore returns a
+delta that makes those linear decode positions *encode* the request's layout:
 
-    decode position = FLAG | layout << INDEX_BITS | index_of_generated_token
+    decode position = FLAG | layout_id << INDEX_BITS | index_of_generated_token
 
-and `forward` decodes every flagged position back into the 2D position that
-transformers' `_cached_decode_position_ids` holds. The mapping is stateless (a
-pure function of the position value), so it survives batching, chunked
-prefill, prefix caching, preemption/recompute and tensor parallelism, where
-every rank computes the same positions.
+where `layout_id` indexes a small table of (grid start, grid shapes) the model
+keeps, and `forward` decodes every flagged position back into the 2D position
+that transformers' `_cached_decode_position_ids` holds. A position value alone
+determines its 2D position, so this survives batching, chunked prefill, prefix
+caching, preemption/recompute and tensor parallelism (every rank interns the
+same layouts in the same order).
 """
 
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import Iterable
 
 import torch
@@ -45,70 +47,71 @@ from vllm.sequence import IntermediateTensors
 ARCHITECTURE = "GlmImageForConditionalGeneration"
 
 # --- decode-position encoding (see module docstring) ---
-# Bits: [0, 14) generated-token index, [14, 33) grid start position,
-# 4 x 7 bits grid dims (g1h, g1w, g2h, g2w) in [33, 61), bit 61 the flag.
-INDEX_BITS = 14
-START_BITS = 19
-DIM_BITS = 7
-FLAG = 1 << 61
-_MAX_INDEX = 1 << INDEX_BITS
-_MAX_START = 1 << START_BITS
-_MAX_DIM = 1 << DIM_BITS
+# vLLM keeps positions and deltas in int32, so a decode position is
+# FLAG | layout_id << INDEX_BITS | index, with the layout (grid start position and
+# grid shapes) in a small table the model holds.
+INDEX_BITS = 13  # up to 8192 generated tokens (2048x2048 text-to-image needs 4353)
+LAYOUT_BITS = 17
+FLAG = 1 << 30
+MAX_LAYOUTS = 1 << LAYOUT_BITS
 
 
-def encode_decode_layout(start: int, grids: list[tuple[int, int]]) -> int:
-    """The value of the first decode position for a request whose generated grids are `grids`.
+class DecodeLayouts:
+    """Interned decode layouts: (grid start, g1h, g1w, g2h, g2w) <-> small id.
 
-    `grids` lists the generated grids in generation order (preview then target for
-    text-to-image, the target alone for image-to-image); `start` is the running
-    M-RoPE position after the prompt.
+    Every tensor-parallel rank calls `get_mrope_input_positions` for the same
+    requests in the same order, so ids agree across ranks. Identical layouts share
+    an id; when the table is full the least recently used id is reused, which is
+    safe while fewer than MAX_LAYOUTS distinct layouts start during one request.
     """
-    if not 1 <= len(grids) <= 2:
-        raise ValueError(f"GLM-Image generates one or two grids, got {len(grids)}")
-    if not 0 <= start < _MAX_START:
-        raise ValueError(f"prompt position {start} exceeds the decode-position encoding ({_MAX_START})")
-    (g1h, g1w), (g2h, g2w) = (list(grids) + [(0, 0)])[:2]
-    if any(not 0 <= d < _MAX_DIM for d in (g1h, g1w, g2h, g2w)):
-        raise ValueError(f"grid sides must be below {_MAX_DIM}, got {grids}")
-    if g1h * g1w + g2h * g2w + 1 > _MAX_INDEX:
-        raise ValueError("too many tokens to generate for the decode-position encoding")
-    layout = start | g1h << START_BITS | g1w << (START_BITS + DIM_BITS)
-    layout |= g2h << (START_BITS + 2 * DIM_BITS) | g2w << (START_BITS + 3 * DIM_BITS)
-    return FLAG | layout << INDEX_BITS
 
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.table = torch.zeros((MAX_LAYOUTS, 5), dtype=torch.int64, device=device)
+        self._ids: OrderedDict[tuple[int, ...], int] = OrderedDict()
 
-def decode_positions(positions: torch.Tensor) -> torch.Tensor:
-    """Replace encoded decode positions in a (3, N) M-RoPE position tensor by real 2D positions.
+    def intern(self, start: int, grids: list[tuple[int, int]]) -> int:
+        """Id of the layout whose generated grids are `grids` (generation order) from `start`."""
+        if not 1 <= len(grids) <= 2:
+            raise ValueError(f"GLM-Image generates one or two grids, got {len(grids)}")
+        (g1h, g1w), (g2h, g2w) = (list(grids) + [(0, 0)])[:2]
+        if g1h * g1w + g2h * g2w + 1 > 1 << INDEX_BITS:
+            raise ValueError(f"grids {grids} need more tokens than the decode-position encoding allows")
+        key = (start, g1h, g1w, g2h, g2w)
+        layout_id = self._ids.get(key)
+        if layout_id is not None:
+            self._ids.move_to_end(key)
+            return layout_id
+        if len(self._ids) < MAX_LAYOUTS:
+            layout_id = len(self._ids)
+        else:
+            _, layout_id = self._ids.popitem(last=False)
+        self._ids[key] = layout_id
+        self.table[layout_id] = torch.tensor(key, dtype=torch.int64)
+        return layout_id
 
-    Mirrors transformers' `GlmImageModel.get_rope_index` decode cache: each generated
-    grid of shape (h, w) starting at position p puts its cell (r, c) at (p, p + r, p + c),
-    and the next grid starts at p + max(h, w). Unflagged positions pass through.
-    """
-    flagged = positions[0] >= FLAG
-    v = positions[0] - FLAG
-    k = v & (_MAX_INDEX - 1)
-    layout = v >> INDEX_BITS
-    dim_mask = _MAX_DIM - 1
-    start = layout & (_MAX_START - 1)
-    g1h = (layout >> START_BITS) & dim_mask
-    g1w = (layout >> (START_BITS + DIM_BITS)) & dim_mask
-    g2h = (layout >> (START_BITS + 2 * DIM_BITS)) & dim_mask
-    g2w = (layout >> (START_BITS + 3 * DIM_BITS)) & dim_mask
+    def decode(self, positions: torch.Tensor) -> torch.Tensor:
+        """Replace encoded decode positions in a (3, N) M-RoPE position tensor by 2D positions.
 
-    n1 = g1h * g1w
-    in1 = k < n1
-    k2 = k - n1
-    in2 = ~in1 & (k2 < g2h * g2w)
-    base2 = start + torch.maximum(g1h, g1w)
-    base3 = base2 + torch.maximum(g2h, g2w)  # the end marker after the last grid
-    one = torch.ones_like(g1w)
-    r1, c1 = k // torch.maximum(g1w, one), k % torch.maximum(g1w, one)
-    r2, c2 = k2 // torch.maximum(g2w, one), k2 % torch.maximum(g2w, one)
-
-    t = torch.where(in1, start, torch.where(in2, base2, base3))
-    h = torch.where(in1, start + r1, torch.where(in2, base2 + r2, base3))
-    w = torch.where(in1, start + c1, torch.where(in2, base2 + c2, base3))
-    return torch.where(flagged, torch.stack([t, h, w]), positions)
+        Mirrors transformers' `GlmImageModel.get_rope_index` decode cache: a generated
+        grid of shape (h, w) starting at position p puts its cell (r, c) at
+        (p, p + r, p + c); the next grid starts at p + max(h, w), and the end marker
+        after the last grid sits at the following start. Unflagged positions pass through.
+        """
+        flagged = positions[0] >= FLAG
+        v = torch.where(flagged, positions[0] - FLAG, torch.zeros_like(positions[0]))
+        k = v & ((1 << INDEX_BITS) - 1)
+        start, g1h, g1w, g2h, g2w = self.table[v >> INDEX_BITS].unbind(-1)
+        n1 = g1h * g1w
+        in1 = k < n1
+        k2 = k - n1
+        in2 = ~in1 & (k2 < g2h * g2w)
+        base2 = start + torch.maximum(g1h, g1w)
+        base3 = base2 + torch.maximum(g2h, g2w)
+        w1, w2 = g1w.clamp(min=1), g2w.clamp(min=1)
+        t = torch.where(in1, start, torch.where(in2, base2, base3))
+        h = torch.where(in1, start + k // w1, torch.where(in2, base2 + k2 // w2, base3))
+        w = torch.where(in1, start + k % w1, torch.where(in2, base2 + k2 % w2, base3))
+        return torch.where(flagged, torch.stack([t, h, w]).to(positions.dtype), positions)
 
 
 class GlmImageTextAttention(nn.Module):
@@ -253,7 +256,9 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMRoPE):
             prefix="lm_head",
         )
         self.logits_processor = LogitsProcessor(text_config.vision_vocab_size)
+        self.vocab_size = text_config.vocab_size
         self._grid_markers = _GridMarkers(vllm_config.model_config.tokenizer)
+        self._layouts = DecodeLayouts(vllm_config.device_config.device)
 
     # --- M-RoPE ---
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
@@ -294,8 +299,10 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMRoPE):
             )
         # The processor lists grids as (conditions..., target[, preview]); generation
         # runs them in reverse, preview first.
-        decode_grids = list(reversed(grids[-n_decode:]))
-        delta = encode_decode_layout(pos, decode_grids) - len(input_tokens)
+        layout_id = self._layouts.intern(pos, list(reversed(grids[-n_decode:])))
+        # vLLM's decode position for sequence index s is s + delta; make it encode
+        # (layout_id, s - len(prompt)).
+        delta = FLAG + (layout_id << INDEX_BITS) - len(input_tokens)
         return positions, delta
 
     def _condition_grids(self, input_tokens, ends, mm_features) -> list[tuple[int, int]]:
@@ -322,11 +329,16 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMRoPE):
         **kwargs: object,
     ) -> torch.Tensor:
         # Outside the compiled region: turns encoded decode positions into 2D grid positions.
-        positions = decode_positions(positions)
+        positions = self._layouts.decode(positions)
         return self.language_model(input_ids, positions, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
+        logits = self.logits_processor(self.lm_head, hidden_states)
+        if logits is None:
+            return None
+        # vLLM's sampler works over the full (text) vocabulary; ids past the vision
+        # vocabulary have no lm_head row and can never be sampled.
+        return torch.nn.functional.pad(logits, (0, self.vocab_size - logits.shape[-1]), value=float("-inf"))
 
     # --- weights ---
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -378,18 +390,3 @@ class _GridMarkers:
                     grids.append((int(match.group(1)), int(match.group(2))))
                 open_at = None
         return grids
-
-
-def register() -> None:
-    """Register the model with vLLM (idempotent); also the `vllm.general_plugins` entry point."""
-    from vllm import ModelRegistry
-
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs() or not _registered_here():
-        ModelRegistry.register_model(ARCHITECTURE, f"{__name__}:GlmImageForConditionalGeneration")
-
-
-def _registered_here() -> bool:
-    from vllm import ModelRegistry
-
-    model = ModelRegistry.models.get(ARCHITECTURE)
-    return model is not None and getattr(model, "module_name", None) == __name__

@@ -1,0 +1,217 @@
+"""Hostile input through real HTTP: every bad request is a 4xx whose message names the problem.
+
+One cluster (router + 1 AR + 1 DiT worker, small upload limits so oversized
+uploads stay cheap) takes the whole table, then a good request must still
+succeed and the router must still be healthy.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.cluster import Cluster, generate, image_bytes, write_stage_config
+
+MAX_UPLOAD = 256 * 1024  # bytes per condition image on this cluster
+GEN, EDIT, CHAT = "/v1/images/generations", "/v1/images/edits", "/v1/chat/completions"
+
+
+def png(width: int = 64, height: int = 64, color=(10, 200, 30)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(out, format="PNG")
+    return out.getvalue()
+
+
+def noise_png(width: int, height: int) -> bytes:
+    # Random pixels do not compress: the file is ~3 bytes per pixel and truncating it cuts pixel data.
+    out = io.BytesIO()
+    Image.frombytes("RGB", (width, height), random.Random(0).randbytes(width * height * 3)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def multipart(fields: dict[str, str], boundary: str = "glmtestboundary") -> tuple[bytes, dict]:
+    """A multipart/form-data body with text fields only (httpx would send those urlencoded)."""
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n' for k, v in fields.items()]
+    body = ("".join(parts) + f"--{boundary}--\r\n").encode()
+    return body, {"content-type": f"multipart/form-data; boundary={boundary}"}
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims width x height: a decompression bomb's header, cheaply."""
+    data = png(1, 1)
+    ihdr = bytearray(data[16:29])
+    ihdr[0:8] = struct.pack(">II", width, height)
+    crc = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)) & 0xFFFFFFFF)
+    return data[:16] + bytes(ihdr) + crc + data[33:]
+
+
+def real_bomb() -> bytes:
+    """A real decompression bomb: 5000x5000 black pixels (25 Mpx > the 16.7 Mpx limit) in a few KB."""
+    out = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def data_url(raw: bytes, media: str = "image/png") -> str:
+    return f"data:{media};base64,{base64.b64encode(raw).decode()}"
+
+
+def chat(content, **extra) -> dict:
+    return {"messages": [{"role": "user", "content": content}], **extra}
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+@dataclass
+class Case:
+    id: str
+    path: str
+    status: int
+    keyword: str  # must appear (case-insensitively) in the error message
+    method: str = "POST"
+    json: object = None
+    content: bytes | None = None
+    headers: dict = field(default_factory=dict)
+    files: list | None = None
+    data: dict | None = None
+
+
+OK = {"prompt": "a cat", "size": "256x256", "num_inference_steps": 1}
+FORM = {"prompt": "a cat", "size": "256x256"}
+IMG = ("image", ("a.png", png(), "image/png"))
+
+CASES = [
+    # --- JSON body, /v1/images/generations ---------------------------------------------------
+    Case("malformed json", GEN, 400, "not valid JSON", content=b'{"prompt": "x",', headers={"content-type": "application/json"}),
+    Case("empty body", GEN, 400, "empty", content=b"", headers={"content-type": "application/json"}),
+    Case("json array body", GEN, 400, "JSON object", json=[OK]),
+    Case("json string body", GEN, 400, "JSON object", json="a cat"),
+    Case("invalid utf-8", GEN, 400, "not valid JSON", content=b'{"prompt": "\xff\xfe"}', headers={"content-type": "application/json"}),
+    Case("text/plain content type", GEN, 415, "application/json", content=b"a cat", headers={"content-type": "text/plain"}),
+    Case("form content type", GEN, 415, "application/json", data={"prompt": "a cat"}),
+    Case("missing prompt", GEN, 400, "'prompt' is required", json={"size": "256x256"}),
+    Case("prompt of wrong type", GEN, 400, "prompt", json={**OK, "prompt": 123}),
+    Case("prompt is null", GEN, 400, "prompt", json={**OK, "prompt": None}),
+    Case("empty prompt", GEN, 400, "must not be empty", json={**OK, "prompt": ""}),
+    Case("blank prompt", GEN, 400, "must not be empty", json={**OK, "prompt": "  \n\t "}),
+    Case("huge prompt", GEN, 400, "too long", json={**OK, "prompt": "x" * 9000}),
+    Case("unknown field", GEN, 400, "unknown field 'num_inference_step'", json={**OK, "num_inference_step": 2}),
+    Case("size not WxH", GEN, 400, "size", json={**OK, "size": "banana"}),
+    Case("size of wrong type", GEN, 400, "size", json={**OK, "size": 512}),
+    Case("size below minimum", GEN, 400, "256", json={**OK, "size": "128x128"}),
+    Case("size above maximum", GEN, 400, "2048", json={**OK, "size": "4096x4096"}),
+    Case("size not multiple of 32", GEN, 400, "32", json={**OK, "size": "1000x1000"}),
+    Case("aspect ratio too wide", GEN, 400, "aspect", json={**OK, "size": "2048x256"}),
+    Case("negative size", GEN, 400, "size", json={**OK, "size": "-256x256"}),
+    Case("n zero", GEN, 400, "n", json={**OK, "n": 0}),
+    Case("n over limit", GEN, 400, "limit of 10", json={**OK, "n": 11}),
+    Case("n not a number", GEN, 400, "n", json={**OK, "n": "two"}),
+    Case("n fractional", GEN, 400, "n", json={**OK, "n": 1.5}),
+    Case("steps zero", GEN, 400, "num_inference_steps", json={**OK, "num_inference_steps": 0}),
+    Case("steps over limit", GEN, 400, "num_inference_steps", json={**OK, "num_inference_steps": 100000}),
+    Case("guidance negative", GEN, 400, "guidance_scale", json={**OK, "guidance_scale": -1}),
+    Case("guidance over limit", GEN, 400, "guidance_scale", json={**OK, "guidance_scale": 1e6}),
+    Case("guidance NaN", GEN, 400, "guidance_scale", content=b'{"prompt": "a", "size": "256x256", "guidance_scale": NaN}',
+         headers={"content-type": "application/json"}),
+    Case("seed negative", GEN, 400, "seed", json={**OK, "seed": -1}),
+    Case("seed beyond 64 bits", GEN, 400, "seed", json={**OK, "seed": 2**64}),
+    Case("unknown model", GEN, 404, "model", json={**OK, "model": "dall-e-3"}),
+    Case("url response format", GEN, 400, "b64_json", json={**OK, "response_format": "url"}),
+    Case("unknown output format", GEN, 400, "output_format", json={**OK, "output_format": "gif"}),
+    Case("oversized json body", GEN, 413, "bytes", json={**OK, "user": "x" * (2 * 1024 * 1024)}),
+    # --- multipart, /v1/images/edits -------------------------------------------------------------
+    Case("edits with json", EDIT, 415, "multipart/form-data", json=OK),
+    Case("edits without image", EDIT, 400, "'image' is required", content=multipart(FORM)[0], headers=multipart(FORM)[1]),
+    Case("edits unexpected file field", EDIT, 400, "unexpected file field", data=FORM, files=[IMG, ("photo", ("p.png", png(), "image/png"))]),
+    Case("edits image as text", EDIT, 400, "file upload", data={**FORM, "image": "not a file"}, files=[("x", ("x", b"", "a/b"))]),
+    Case("edits non-image bytes", EDIT, 400, "not a PNG, JPEG or WebP", data=FORM,
+         files=[("image", ("a.png", b"hello, I am not an image", "image/png"))]),
+    Case("edits empty image", EDIT, 400, "empty", data=FORM, files=[("image", ("a.png", b"", "image/png"))]),
+    Case("edits truncated png", EDIT, 400, "truncated", data=FORM,
+         files=[("image", ("a.png", noise_png(128, 128)[:20000], "image/png"))]),
+    Case("edits bomb header", EDIT, 400, "pixels", data=FORM, files=[("image", ("bomb.png", png_claiming(100000, 100000), "image/png"))]),
+    Case("edits real bomb", EDIT, 400, "pixels", data=FORM, files=[("image", ("bomb.png", real_bomb(), "image/png"))]),
+    Case("edits oversized upload", EDIT, 413, "bytes", data=FORM,
+         files=[("image", ("big.png", noise_png(320, 320), "image/png"))]),  # ~300 KB > 256 KiB
+    Case("edits too many images", EDIT, 400, "at most 4", data=FORM, files=[IMG] * 5),
+    Case("edits with mask", EDIT, 400, "mask", data=FORM, files=[IMG, ("mask", ("m.png", png(), "image/png"))]),
+    Case("edits missing prompt", EDIT, 400, "'prompt' is required", data={"size": "256x256"}, files=[IMG]),
+    Case("edits unknown field", EDIT, 400, "unknown field 'strength'", data={**FORM, "strength": "0.5"}, files=[IMG]),
+    Case("edits bad size", EDIT, 400, "32", data={**FORM, "size": "300x300"}, files=[IMG]),
+    Case("edits n out of range", EDIT, 400, "n", data={**FORM, "n": "99"}, files=[IMG]),
+    Case("edits unknown model", EDIT, 404, "model", data={**FORM, "model": "gpt-image-1"}, files=[IMG]),
+    Case("edits multipart without boundary", EDIT, 400, "boundary", content=b"--xyz\r\nnonsense",
+         headers={"content-type": "multipart/form-data"}),
+    # --- /v1/chat/completions ------------------------------------------------------------------
+    Case("chat without messages", CHAT, 400, "'messages' is required", json={"size": "256x256"}),
+    Case("chat with empty messages", CHAT, 400, "messages", json={"messages": []}),
+    Case("chat without user text", CHAT, 400, "no text", json={"messages": [{"role": "system", "content": "be nice"}]}),
+    Case("chat unknown role", CHAT, 400, "role", json={"messages": [{"role": "wizard", "content": "a cat"}]}),
+    Case("chat streaming", CHAT, 400, "streaming", json=chat("a cat", stream=True)),
+    Case("chat height without width", CHAT, 400, "height", json=chat("a cat", height=256)),
+    Case("chat remote image url", CHAT, 400, "data URL", json=chat([{"type": "text", "text": "a cat"}, image_part("http://example.com/cat.png")])),
+    Case("chat bad base64", CHAT, 400, "base64", json=chat([{"type": "text", "text": "a cat"}, image_part("data:image/png;base64,@@@notbase64@@@")])),
+    Case("chat non-image data url", CHAT, 400, "media type", json=chat([{"type": "text", "text": "a"}, image_part(data_url(b"hi", "text/plain"))])),
+    Case("chat non-image bytes", CHAT, 400, "not a PNG, JPEG or WebP", json=chat([{"type": "text", "text": "a"}, image_part(data_url(b"GIF89a..."))])),
+    Case("chat too many images", CHAT, 400, "at most 4", json=chat([{"type": "text", "text": "a"}] + [image_part(data_url(png()))] * 5)),
+    Case("chat extra_body conflict", CHAT, 400, "both", json=chat("a cat", n=1, extra_body={"n": 2})),
+    Case("chat unknown model", CHAT, 404, "model", json=chat("a cat", model="glm-4")),
+    # --- routing ------------------------------------------------------------------------------
+    Case("wrong method", GEN, 405, "not allowed", method="GET"),
+    Case("unknown endpoint", "/v1/images/variations", 404, "no such endpoint", json=OK),
+]
+
+
+@pytest.fixture(scope="module")
+def small_limits(tiny_model, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("bad_input")
+    config = write_stage_config(workdir, {"limits": {"max_upload_bytes": MAX_UPLOAD}})
+    c = Cluster(model=tiny_model, workdir=workdir, stage_config=config)
+    c.start()
+    yield c
+    c.stop()
+
+
+def test_table_is_big_enough():
+    assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_request_is_a_4xx_naming_the_problem(small_limits, case: Case):
+    kwargs = {"headers": case.headers, "timeout": 30}
+    if case.json is not None:
+        kwargs["content"] = json.dumps(case.json).encode()
+        kwargs["headers"] = {"content-type": "application/json", **case.headers}
+    if case.content is not None:
+        kwargs["content"] = case.content
+    if case.files is not None or case.data is not None:
+        kwargs["files"], kwargs["data"] = case.files, case.data
+    response = httpx.request(case.method, small_limits.url + case.path, **kwargs)
+    assert response.status_code == case.status, response.text[:500]
+    error = response.json()["error"]
+    assert error["code"] == case.status
+    assert case.keyword.lower() in error["message"].lower(), error["message"]
+
+
+def test_still_healthy_after_the_table(small_limits):
+    """Runs after the table (pytest keeps file order): nothing above hurt the server."""
+    assert small_limits.procs["router"].alive()
+    assert httpx.get(f"{small_limits.url}/health", timeout=5).status_code == 200
+    response = generate(small_limits.url, seed=3)
+    assert response.status_code == 200, response.text[:500]
+    image = Image.open(io.BytesIO(image_bytes(response)[0]))
+    assert image.size == (256, 256)
+    metrics = httpx.get(f"{small_limits.url}/metrics", timeout=5).text
+    assert 'status="500"' not in metrics
+    assert "unhandled error" not in small_limits.procs["router"].log()

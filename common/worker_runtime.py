@@ -201,6 +201,7 @@ class StageWorker:
             reason = "draining" if self.draining else f"at capacity ({self.info.capacity})"
             await link.send(JobError(job_id=job.job_id, worker_id=self.info.worker_id, code=ErrorCode.OVERLOADED, message=f"worker {reason}"))
             return
+        logger.info("[%s] job %s started", job.request_id, job.job_id)
         task = asyncio.create_task(self._run(job, link), name=f"job:{job.job_id}")
         self.jobs[job.job_id] = _RunningJob(job, task, link)
         task.add_done_callback(lambda _t, jid=job.job_id: self.jobs.pop(jid, None))

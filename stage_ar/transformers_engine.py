@@ -50,8 +50,9 @@ class TransformersAREngine(AREngine):
         self.codebook_size = config.vq_config.num_embeddings
         self.eos_token_id = config.image_end_token_id
         # Our grid constraint replaces suppress_tokens (which would also forbid the final EOS).
+        # An empty list, not None: generate() fills None back in from the model's defaults.
         self.generation_config = copy.deepcopy(self.model.generation_config)
-        self.generation_config.suppress_tokens = None
+        self.generation_config.suppress_tokens = []
         self._lock = threading.Lock()
         self._cancel_events: dict[str, threading.Event] = {}
 

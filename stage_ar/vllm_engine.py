@@ -1,0 +1,159 @@
+"""AR engine on vLLM (v1 AsyncLLM): many GLM-Image prior-token requests in flight at once.
+
+The prompt scaffold comes from the checkpoint's own GLM-Image processor
+(`processor` subfolder), exactly as the diffusers pipeline builds it; vLLM gets
+the resulting token ids. The model itself is `stage_ar.vllm_model`, registered
+in every vLLM process through the `vllm.general_plugins` entry point
+(`stage_ar.vllm_plugin`).
+
+Constrained decoding: grid positions may only hold image codes 0..C-1 and the
+last position must be EOS. vLLM's built-in `allowed_token_ids` logits
+processor restricts every sampled token to the codebook, and the engine asks
+for exactly `tokens_to_generate - 1` tokens; the final EOS is appended, since
+a position whose only allowed token is EOS is EOS whatever the logits say.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from common.sizes import token_layout
+from common.stage_config import EngineArgs
+from stage_ar.engine import AREngine, ARGenerationOutput, ARGenerationRequest, GenerationCancelled
+
+logger = logging.getLogger(__name__)
+
+
+class VllmAREngine(AREngine):
+    """GLM-Image AR stage on vLLM's AsyncLLM.
+
+    Construct it inside the worker process (vLLM spawns its engine-core and worker
+    processes, so the creating module must be import-safe: keep the engine start
+    under `if __name__ == "__main__"` or in a function called from it).
+    """
+
+    def __init__(self, model_path: str, engine_args: EngineArgs, device: str) -> None:
+        from transformers import AutoProcessor
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        root = Path(model_path)
+        self._processor = AutoProcessor.from_pretrained(str(root), subfolder="processor")
+        ar_dir = root / "vision_language_encoder"
+        config = _read_json(ar_dir / "config.json")
+        self._codebook_size = int(config["vq_config"]["num_embeddings"])
+        self._eos = int(config["image_end_token_id"])
+        self._image_token_id = int(config["image_token_id"])
+        self._device = device
+        self._vision = None  # condition-image tokenizer, loaded on first image-to-image request
+        self._ar_dir = ar_dir
+
+        if device.startswith("cpu"):
+            # vLLM's CPU backend binds OpenMP threads itself; an inherited setting would fight it.
+            os.environ.pop("OMP_NUM_THREADS", None)
+        args = AsyncEngineArgs(
+            model=str(ar_dir),
+            tokenizer=str(root / "processor"),
+            dtype=engine_args.dtype,
+            tensor_parallel_size=engine_args.tensor_parallel_size,
+            gpu_memory_utilization=engine_args.gpu_memory_utilization,
+            max_num_seqs=engine_args.max_num_seqs,
+            max_model_len=engine_args.max_model_len,
+            enforce_eager=engine_args.enforce_eager,
+            # Sampling comes only from each request (the checkpoint's generation_config
+            # carries suppress_tokens and defaults meant for transformers).
+            generation_config="vllm",
+            disable_log_stats=True,
+        )
+        self._engine = AsyncLLM.from_engine_args(args)
+        self._in_flight: set[str] = set()
+        self._aborted: set[str] = set()
+
+    async def generate(self, request: ARGenerationRequest) -> ARGenerationOutput:
+        """Generate the preview grid (t2i), the target grid and EOS for one request."""
+        from vllm import SamplingParams
+
+        i2i = bool(request.condition_images)
+        layout = token_layout(request.height, request.width, image_to_image=i2i)
+        self._in_flight.add(request.request_id)
+        try:
+            prompt, cond_grids = await asyncio.to_thread(self._build_prompt, request)
+        finally:
+            self._in_flight.discard(request.request_id)
+        params = SamplingParams(
+            n=1,
+            temperature=request.temperature,
+            top_p=request.top_p if request.temperature > 0 else 1.0,
+            top_k=request.top_k if request.temperature > 0 else 0,
+            seed=request.seed,
+            max_tokens=layout.tokens_to_generate - 1,
+            allowed_token_ids=list(range(self._codebook_size)),
+            detokenize=False,
+        )
+        rid = request.request_id
+        final = None
+        self._in_flight.add(rid)
+        try:
+            if rid in self._aborted:  # aborted while the prompt was being built
+                raise GenerationCancelled(rid)
+            async for out in self._engine.generate(prompt, params, rid):
+                final = out
+            if rid in self._aborted:
+                raise GenerationCancelled(rid)
+        finally:
+            self._in_flight.discard(rid)
+            self._aborted.discard(rid)
+        if final is None or not final.finished:
+            raise GenerationCancelled(request.request_id)
+        grid = list(final.outputs[0].token_ids)
+        if len(grid) != layout.tokens_to_generate - 1:
+            raise RuntimeError(
+                f"vLLM returned {len(grid)} tokens for {request.request_id}, "
+                f"expected {layout.tokens_to_generate - 1}"
+            )
+        tokens = np.asarray(grid + [self._eos], dtype=np.int64)
+        target = tokens[layout.target_offset : layout.target_offset + layout.target_tokens]
+        return ARGenerationOutput(
+            generated_token_ids=tokens,
+            prior_token_ids=target.reshape(layout.target_h, layout.target_w),
+            prior_token_image_ids=cond_grids,
+        )
+
+    async def abort(self, request_id: str) -> None:
+        """Abort `request_id` in vLLM; its pending `generate` raises GenerationCancelled."""
+        if request_id in self._in_flight:
+            self._aborted.add(request_id)
+            await self._engine.abort(request_id)
+
+    async def shutdown(self) -> None:
+        self._engine.shutdown()
+
+    # --- prompt ---
+    def _build_prompt(self, request: ARGenerationRequest) -> tuple[dict, list[np.ndarray]]:
+        content = [{"type": "image", "image": img} for img in request.condition_images]
+        content.append({"type": "text", "text": request.prompt})
+        inputs = self._processor.apply_chat_template(
+            [{"role": "user", "content": content}],
+            tokenize=True,
+            target_h=request.height,
+            target_w=request.width,
+            return_dict=True,
+            return_tensors="pt",
+        )
+        ids = inputs["input_ids"][0].tolist()
+        if not request.condition_images:
+            return {"prompt_token_ids": ids}, []
+        raise NotImplementedError("image-to-image is not wired to vLLM yet")
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+

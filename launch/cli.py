@@ -123,7 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     model = _resolve_model(args.model, config)
     stage = config.ar if args.command == "ar-worker" else config.dit
     device = _resolve_device(args.device, stage.devices)
-    kwargs = dict(
+    from common.worker_main import WorkerOptions
+
+    options = WorkerOptions(
         model_path=model,
         config=config,
         routers=args.router,
@@ -135,11 +137,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "ar-worker":
         from stage_ar.worker import serve_ar_worker
 
-        uvloop.run(serve_ar_worker(**kwargs))
+        uvloop.run(serve_ar_worker(options))
     else:
         from stage_dit.worker import serve_dit_worker
 
-        uvloop.run(serve_dit_worker(**kwargs))
+        uvloop.run(serve_dit_worker(options))
 
 
 def _generate(args) -> None:

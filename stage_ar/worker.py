@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import socket
 import time
 
 import numpy as np
 from PIL import Image
 
 from common.metrics import WorkerMetrics
-from common.protocol import ARJob, ARResult, JobRequest, Stage, WorkerInfo
+from common.protocol import ARJob, ARResult, JobRequest, Stage
 from common.sizes import SIZE_MULTIPLE
-from common.stage_config import ARStageConfig, StageConfig
-from common.worker_runtime import JobRejected, StageWorker, run_stage_worker
+from common.stage_config import ARStageConfig
+from common.worker_main import WorkerOptions, serve_stage_worker
+from common.worker_runtime import JobRejected
 from stage_ar.engine import AREngine, ARGenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -36,6 +35,9 @@ class ARStageHandler:
     def __init__(self, engine: AREngine, metrics: WorkerMetrics):
         self.engine = engine
         self.metrics = metrics
+
+    async def close(self) -> None:
+        await self.engine.shutdown()
 
     async def run(self, job: JobRequest) -> tuple[ARResult, dict[str, float]]:
         ar = job.payload
@@ -76,32 +78,12 @@ class ARStageHandler:
         return result, {"ar_s": elapsed}
 
 
-async def serve_ar_worker(
-    model_path: str,
-    config: StageConfig,
-    routers: list[str],
-    worker_id: str | None = None,
-    device: str = "cpu",
-    metrics_port: int | None = None,
-    drain_grace_s: float = 30.0,
-) -> None:
-    """Load the AR engine, then join the bus (registration means ready)."""
-    stage = config.ar
-    worker_id = worker_id or f"ar-{socket.gethostname()}-{os.getpid()}"
-    metrics = WorkerMetrics("ar", worker_id)
-    if metrics_port:
-        metrics.serve(metrics_port)
-    engine = load_engine(model_path, stage, device)
-    info = WorkerInfo(
-        worker_id=worker_id,
-        stage=Stage.AR,
-        model=model_path,
+async def serve_ar_worker(options: WorkerOptions) -> None:
+    """Load the AR engine, then join the bus."""
+    stage = options.config.ar
+    await serve_stage_worker(
+        Stage.AR,
+        options,
         capacity=stage.engine_args.max_num_seqs,
-        pid=os.getpid(),
-        host=socket.gethostname(),
+        make_handler=lambda metrics: ARStageHandler(load_engine(options.model_path, stage, options.device), metrics),
     )
-    worker = StageWorker(info, routers, ARStageHandler(engine, metrics), config.bus, metrics)
-    try:
-        await run_stage_worker(worker, drain_grace_s)
-    finally:
-        await engine.shutdown()

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import threading
 import time
 
-from common.metrics import WorkerMetrics
-from common.protocol import DiTJob, DiTResult, JobRequest, Stage, WorkerInfo
-from common.stage_config import StageConfig
-from common.worker_runtime import JobRejected, StageWorker, run_stage_worker
+from common.protocol import DiTJob, DiTResult, JobRequest, Stage
+from common.worker_main import WorkerOptions, serve_stage_worker
+from common.worker_runtime import JobRejected
 from stage_dit.pipeline_runner import DenoiseCancelled, DiTInputError, DiTPipelineRunner
 
 logger = logging.getLogger(__name__)
@@ -43,30 +40,13 @@ class DiTStageHandler:
         return result, {"dit_s": time.monotonic() - started}
 
 
-async def serve_dit_worker(
-    model_path: str,
-    config: StageConfig,
-    routers: list[str],
-    worker_id: str | None = None,
-    device: str = "cpu",
-    metrics_port: int | None = None,
-    drain_grace_s: float = 30.0,
-) -> None:
+async def serve_dit_worker(options: WorkerOptions) -> None:
     """Load the DiT pipeline (without AR components), then join the bus."""
-    stage = config.dit
-    worker_id = worker_id or f"dit-{socket.gethostname()}-{os.getpid()}"
-    metrics = WorkerMetrics("dit", worker_id)
-    if metrics_port:
-        metrics.serve(metrics_port)
-    runner = DiTPipelineRunner(model_path, stage.engine_args, device)
-    info = WorkerInfo(
-        worker_id=worker_id,
-        stage=Stage.DIT,
-        model=model_path,
+    stage = options.config.dit
+    await serve_stage_worker(
+        Stage.DIT,
+        options,
         # The pipeline runs one job at a time; more slots would only queue inside the worker.
         capacity=1,
-        pid=os.getpid(),
-        host=socket.gethostname(),
+        make_handler=lambda metrics: DiTStageHandler(DiTPipelineRunner(options.model_path, stage.engine_args, options.device)),
     )
-    worker = StageWorker(info, routers, DiTStageHandler(runner), config.bus, metrics)
-    await run_stage_worker(worker, drain_grace_s)

@@ -172,8 +172,10 @@ class StageWorker:
             sock = link.socket
             try:
                 frames = await sock.recv_multipart(copy=False)
-            except zmq.ZMQError:
-                if sock is not link.socket:  # replaced by reconnect
+            except (zmq.ZMQError, asyncio.CancelledError):
+                # reconnect() closed the socket under us, which cancels the pending recv: go on with the
+                # new one. Without this the loop died on the first reconnect and the worker went deaf.
+                if sock is not link.socket and not asyncio.current_task().cancelling():
                     continue
                 raise
             try:

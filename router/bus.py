@@ -67,6 +67,9 @@ class RouterBus:
         sock.setsockopt(zmq.MAXMSGSIZE, self.bus.max_message_bytes)
         # Sending to an unknown identity raises instead of vanishing silently.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A worker that reconnects (new socket, same identity) takes its identity over at once,
+        # instead of being refused while its old connection is still being torn down.
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         sock.bind(self.bind_address)
         self.socket = sock
         self._tasks = [

@@ -16,11 +16,14 @@ a position whose only allowed token is EOS is EOS whatever the logits say.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from common.sizes import token_layout
@@ -51,7 +54,9 @@ class VllmAREngine(AREngine):
         self._eos = int(config["image_end_token_id"])
         self._image_token_id = int(config["image_token_id"])
         self._device = device
-        self._vision = None  # condition-image tokenizer, loaded on first image-to-image request
+        self._dtype = engine_args.dtype
+        self._vision: _ConditionImageTokenizer | None = None  # loaded on the first image-to-image request
+        self._vision_lock = threading.Lock()
         self._ar_dir = ar_dir
 
         if device.startswith("cpu"):
@@ -69,6 +74,9 @@ class VllmAREngine(AREngine):
             # Sampling comes only from each request (the checkpoint's generation_config
             # carries suppress_tokens and defaults meant for transformers).
             generation_config="vllm",
+            # Condition images reach the model as precomputed VQ ids (see _build_prompt),
+            # which vLLM treats as embedding inputs.
+            enable_mm_embeds=True,
             disable_log_stats=True,
         )
         self._engine = AsyncLLM.from_engine_args(args)
@@ -149,7 +157,103 @@ class VllmAREngine(AREngine):
         ids = inputs["input_ids"][0].tolist()
         if not request.condition_images:
             return {"prompt_token_ids": ids}, []
-        raise NotImplementedError("image-to-image is not wired to vLLM yet")
+        from stage_ar.vllm_model import MAX_CONDITION_TOKENS
+
+        n = len(request.condition_images)
+        # The processor lists the condition images' grids first, then the target grid.
+        cond_grids = inputs["image_grid_thw"][:n].to(torch.long)
+        with self._vision_lock:
+            if self._vision is None:
+                self._vision = _ConditionImageTokenizer(self._ar_dir, self._dtype, self._device)
+            vq_ids = self._vision.tokenize(inputs["pixel_values"], cond_grids)
+        for grid, part in zip(cond_grids.tolist(), vq_ids):
+            if grid[1] * grid[2] > MAX_CONDITION_TOKENS:
+                raise ValueError(
+                    f"condition image gives a {grid[1]}x{grid[2]} code grid; at most "
+                    f"{MAX_CONDITION_TOKENS} codes (a 2048x2048 image) are supported"
+                )
+        prompt_ids = _collapse_placeholders(ids, self._image_token_id, [g[1] * g[2] for g in cond_grids.tolist()])
+        mm_data = {
+            "image": {
+                "image_token_ids": torch.cat([torch.from_numpy(p).reshape(-1) for p in vq_ids]),
+                "image_grid_thw": cond_grids,
+            }
+        }
+        return {"prompt_token_ids": prompt_ids, "multi_modal_data": mm_data}, vq_ids
+
+
+def _collapse_placeholders(ids: list[int], placeholder: int, run_lengths: list[int]) -> list[int]:
+    """Collapse each condition image's run of `<|image|>` placeholders to one token.
+
+    vLLM's multimodal processor expands each item's single placeholder to h*w copies
+    again (`GlmImageMultiModalProcessor`), which is how it locates each item's range.
+    """
+    out: list[int] = []
+    runs: list[int] = []
+    for tok in ids:
+        if tok == placeholder:
+            if out and out[-1] == placeholder:
+                runs[-1] += 1
+                continue
+            runs.append(1)
+        out.append(tok)
+    if runs != run_lengths:
+        raise RuntimeError(f"processor wrote placeholder runs {runs}, expected {run_lengths} for the condition grids")
+    return out
+
+
+class _ConditionImageTokenizer:
+    """GLM-Image's ViT + VQ tokenizer for condition images, loaded alone from the AR checkpoint.
+
+    Computes exactly what transformers' `GlmImageModel.get_image_features` +
+    `get_image_tokens` compute (same modules, same weights, same dtype as the
+    transformers engine), without the ~9B decoder, which lives in vLLM.
+    """
+
+    def __init__(self, ar_dir: Path, dtype: str, device: str) -> None:
+        from safetensors import safe_open
+        from transformers import AutoConfig
+        from transformers.models.glm_image.modeling_glm_image import GlmImageVisionModel, GlmImageVQVAE
+
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        config = AutoConfig.from_pretrained(str(ar_dir))
+        self.device = torch.device(device)
+        self.visual = GlmImageVisionModel._from_config(config.vision_config, dtype=torch_dtype)
+        self.vqmodel = GlmImageVQVAE._from_config(config.vq_config, dtype=torch_dtype)
+        modules = {"model.visual.": self.visual, "model.vqmodel.": self.vqmodel}
+        states: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in modules}
+        index = ar_dir / "model.safetensors.index.json"
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        else:
+            shards = ["model.safetensors"]
+        for shard in shards:
+            with safe_open(str(ar_dir / shard), framework="pt") as f:
+                for key in f.keys():
+                    for prefix in modules:
+                        if key.startswith(prefix):
+                            states[prefix][key[len(prefix) :]] = f.get_tensor(key)
+        for prefix, module in modules.items():
+            missing, unexpected = module.load_state_dict(states[prefix], strict=False)
+            # Non-persistent buffers are rebuilt by the module; anything else missing is an error.
+            missing = [k for k in missing if k in dict(module.named_parameters())]
+            if missing or unexpected:
+                raise RuntimeError(f"{prefix}: missing {missing}, unexpected {unexpected}")
+            module.to(device=self.device, dtype=torch_dtype).eval()
+
+    @torch.inference_mode()
+    def tokenize(self, pixel_values: torch.Tensor, grids: torch.Tensor) -> list[np.ndarray]:
+        """VQ code ids of each condition image, shape (h, w) per image (d32 grids)."""
+        grids = grids.to(self.device)
+        pixel_values = pixel_values.to(device=self.device, dtype=self.visual.dtype)
+        features = self.visual(pixel_values, grid_thw=grids).pooler_output
+        hidden = features.shape[-1]
+        out = []
+        for part, (t, h, w) in zip(torch.split(features, grids.prod(-1).tolist()), grids.tolist()):
+            hs = part.view(t, h, w, hidden).permute(0, 3, 1, 2).contiguous()
+            ids = self.vqmodel.encode(hs).image_tokens
+            out.append(ids.view(h, w).cpu().numpy().astype(np.int64))
+        return out
 
 
 def _read_json(path: Path) -> dict:

@@ -2,7 +2,7 @@
 
 Loads the `vision_language_encoder` folder of a GLM-Image checkpoint: the GLM
 decoder with M-RoPE and the lm_head over the vision vocabulary. Registered out
-of tree (see `register`); nothing inside vLLM is patched.
+of tree by `stage_ar.vllm_plugin`; nothing inside vLLM is patched.
 
 Decode positions. GLM-Image gives generated grid tokens 2D M-RoPE positions
 (t = grid start, h = start + row, w = start + col), while vLLM's model runner
@@ -40,8 +40,18 @@ from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.interfaces import SupportsMRoPE
+from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsMultiModal
 from vllm.model_executor.models.llama import LlamaMLP
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.parse import DictEmbeddingItems, MultiModalDataParser
+from vllm.multimodal.processing import (
+    BaseDummyInputsBuilder,
+    BaseMultiModalProcessor,
+    BaseProcessingInfo,
+    PromptReplacement,
+    PromptUpdateDetails,
+)
 from vllm.sequence import IntermediateTensors
 
 ARCHITECTURE = "GlmImageForConditionalGeneration"
@@ -219,6 +229,9 @@ class GlmImageTextModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
     def forward(
         self,
         input_ids: torch.Tensor | None,
@@ -233,11 +246,108 @@ class GlmImageTextModel(nn.Module):
         return hidden_states
 
 
-class GlmImageForConditionalGeneration(nn.Module, SupportsMRoPE):
+# --- condition images (image-to-image) ---
+# transformers' GlmImageModel.forward runs each condition image through the ViT and
+# the VQ tokenizer and *replaces* the image's `<|image|>` placeholders by the VQ code
+# ids (`input_ids.masked_scatter(placeholder_mask, image_ids)`), which then go
+# through the ordinary text embedding. The engine computes those ids itself (it must
+# return them anyway, as `prior_token_image_ids`) and hands vLLM one multimodal
+# "image" item per condition image:
+#     {"image_token_ids": flat VQ ids (h*w,), "image_grid_thw": (1, h, w)}
+# This processor expands the single `<|image|>` placeholder of each item to h*w
+# copies, `embed_multimodal` embeds the ids with the text embedding, and the grid
+# reaches `get_mrope_input_positions` through `mm_features`.
+
+# A 64x64 code grid: a 2048x2048 condition image after the processor halves it.
+MAX_CONDITION_TOKENS = 4096
+CONDITION_FIELDS = ("image_token_ids", "image_grid_thw")
+
+
+def _condition_fields(hf_inputs) -> dict[str, MultiModalFieldConfig]:
+    grid = hf_inputs.get("image_grid_thw", torch.empty((0, 3), dtype=torch.long))
+    return {
+        "image_token_ids": MultiModalFieldConfig.flat_from_sizes("image", grid.prod(-1)),
+        "image_grid_thw": MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+    }
+
+
+class GlmImageDataParser(MultiModalDataParser):
+    """Accepts condition images only as precomputed VQ ids plus their grids."""
+
+    embedding_fields = {"image": {"image_token_ids": "values", "image_grid_thw": "metadata"}}
+
+    def _parse_image_data(self, data):
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            raise ValueError(
+                "GLM-Image condition images must be given as {'image_token_ids': flat VQ ids, "
+                "'image_grid_thw': (n, 3)} (stage_ar.vllm_engine computes them), not raw images"
+            )
+        required, optional = self.embedding_field_sets("image")
+        return DictEmbeddingItems(
+            data,
+            modality="image",
+            required_fields=required,
+            optional_fields=optional,
+            fields_factory=_condition_fields,
+        )
+
+
+class GlmImageProcessingInfo(BaseProcessingInfo):
+    def get_data_parser(self) -> MultiModalDataParser:
+        return GlmImageDataParser(allow_missing_mm_embeddings=self.allow_missing_mm_embeddings)
+
+    def get_supported_mm_limits(self) -> dict[str, int | None]:
+        return {"image": None}
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts) -> dict[str, int]:
+        return {"image": min(seq_len, MAX_CONDITION_TOKENS)}
+
+
+class GlmImageDummyInputsBuilder(BaseDummyInputsBuilder[GlmImageProcessingInfo]):
+    def get_dummy_text(self, mm_counts) -> str:
+        token = self.info.get_tokenizer().convert_ids_to_tokens(self.info.get_hf_config().image_token_id)
+        return token * mm_counts.get("image", 0)
+
+    def get_dummy_mm_data(self, seq_len: int, mm_counts, mm_options=None) -> dict:
+        n = mm_counts.get("image", 0)
+        if n == 0:
+            return {}
+        w = 64
+        h = max(1, min(64, min(seq_len, MAX_CONDITION_TOKENS) // w))
+        return {
+            "image": {
+                "image_token_ids": torch.zeros(n * h * w, dtype=torch.long),
+                "image_grid_thw": torch.tensor([[1, h, w]] * n, dtype=torch.long),
+            }
+        }
+
+
+class GlmImageMultiModalProcessor(BaseMultiModalProcessor[GlmImageProcessingInfo]):
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> dict[str, MultiModalFieldConfig]:
+        return _condition_fields(hf_inputs)
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        image_token_id = self.info.get_hf_config().image_token_id
+
+        def replacement(item_idx: int):
+            grid = out_mm_kwargs["image"][item_idx]["image_grid_thw"].data
+            return PromptUpdateDetails.select_token_id([image_token_id] * int(grid.prod()), image_token_id)
+
+        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    GlmImageMultiModalProcessor, info=GlmImageProcessingInfo, dummy_inputs=GlmImageDummyInputsBuilder
+)
+class GlmImageForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMRoPE):
     """GLM-Image AR model for vLLM: prompt (+ grid scaffold) -> image-code tokens.
 
-    Condition images (image-to-image) are expected in the prompt as their VQ code
-    ids between the image start/end tokens; see `stage_ar.vllm_engine`.
+    Text-to-image and image-to-image. Condition images arrive as multimodal items
+    carrying their VQ ids and grids (see `GlmImageMultiModalProcessor`); their ids
+    are embedded with the text embedding and laid out with 2D positions from the
+    items' `image_grid_thw`.
     """
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
@@ -257,6 +367,7 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMRoPE):
         )
         self.logits_processor = LogitsProcessor(text_config.vision_vocab_size)
         self.vocab_size = text_config.vocab_size
+        self.codebook_size = config.vq_config.num_embeddings
         self._grid_markers = _GridMarkers(vllm_config.model_config.tokenizer)
         self._layouts = DecodeLayouts(vllm_config.device_config.device)
 
@@ -266,7 +377,7 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMRoPE):
 
         Condition images (a run of tokens between image start and image end) take 2D
         positions and advance the running position by max(h, w); their grids come
-        from `mm_features` when present, else from `_GridMarkers.condition_grids`.
+        from `mm_features` (image_grid_thw), as the token ids alone cannot give them.
         The generated grids are read from the `<sop>h w<eop>` scaffold: the last two
         (target, preview) for text-to-image, the last one for image-to-image.
         """
@@ -316,9 +427,40 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMRoPE):
             )
         return grids[: len(ends)]
 
+    # --- multimodal (condition images) ---
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        return "<|image|>" if modality.startswith("image") else None
+
+    def get_language_model(self) -> nn.Module:
+        return self.language_model
+
+    def embed_multimodal(self, **kwargs: object) -> tuple[torch.Tensor, ...]:
+        """Condition images: embed their VQ code ids with the text embedding, one tensor per image."""
+        ids = kwargs.get("image_token_ids")
+        grids = kwargs.get("image_grid_thw")
+        if ids is None or grids is None:
+            return ()
+        if isinstance(grids, (list, tuple)):
+            grids = torch.stack([torch.as_tensor(g).reshape(-1, 3) for g in grids]).reshape(-1, 3)
+        grids = grids.reshape(-1, 3)
+        sizes = grids.prod(-1).tolist()
+        if isinstance(ids, (list, tuple)):
+            parts = [torch.as_tensor(x).reshape(-1) for x in ids]
+        else:
+            parts = list(ids.reshape(-1).split(sizes))
+        weight = self.language_model.embed_tokens.weight
+        out = []
+        for part, size in zip(parts, sizes, strict=True):
+            if part.numel() != size:
+                raise ValueError(f"condition image has {part.numel()} VQ ids for a grid of {size}")
+            part = part.to(device=weight.device, dtype=torch.long)
+            if part.numel() and (int(part.min()) < 0 or int(part.max()) >= self.codebook_size):
+                raise ValueError(f"condition image VQ ids must lie in 0..{self.codebook_size - 1}")
+            out.append(self.language_model.embed_input_ids(part))
+        return tuple(out)
+
     # --- forward ---
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.embed_tokens(input_ids)
 
     def forward(
         self,
@@ -353,7 +495,7 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMRoPE):
             if name.startswith("model.language_model."):
                 name = "language_model." + name[len("model.language_model.") :]
             elif not name.startswith("lm_head."):
-                continue  # vision tower / VQ: condition ids are computed outside vLLM
+                continue  # vision tower / VQ: run by the engine (condition VQ ids arrive as mm items)
             for param_part, ckpt_part, shard in stacked:
                 if ckpt_part in name:
                     name = name.replace(ckpt_part, param_part)

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 def load_engine(model_path: str, stage: ARStageConfig, device: str) -> AREngine:
     """The engine the stage config names."""
+    logger.info("loading AR engine=%s from %s on %s", stage.engine, model_path, device)
     if stage.engine == "vllm":
         from stage_ar.vllm_engine import VllmAREngine
 

@@ -95,6 +95,9 @@ def reference(tiny_model):
                 **inputs,
                 do_sample=False,
                 max_new_tokens=total,
+                # The tiny checkpoint's generation_config suppresses EOS for the in-pipeline
+                # reference; here the mask alone decides.
+                suppress_tokens=[],
                 logits_processor=LogitsProcessorList([GridMask(prompt_len, total)]),
             )
         return out[0, prompt_len:].tolist()

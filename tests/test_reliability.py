@@ -1,0 +1,138 @@
+"""Cancellation, overload, graceful drain and router restarts, on real processes.
+
+One 1 AR + 1 DiT cluster with `queue_limit_per_stage: 0` (the only way in is a
+free AR slot, so overload is easy to reach); the tests run in file order and
+each leaves the cluster with one live worker per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.cluster import Cluster, generate, write_stage_config
+
+ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def rc(tiny_model, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reliability")
+    config = write_stage_config(workdir, {"router": {"queue_limit_per_stage": 0}})
+    c = Cluster(model=tiny_model, workdir=workdir, stage_config=config, env=ENV)
+    c.start()
+    yield c
+    c.stop()
+
+
+def open_request(cluster: Cluster, body: dict) -> socket.socket:
+    """Send a generation request on a raw socket and return it unread (closing it = the client leaving)."""
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", cluster.http_port), timeout=10)
+    sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    return sock
+
+
+def metric(cluster: Cluster, name: str) -> float:
+    text = httpx.get(f"{cluster.url}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+@pytest.mark.parametrize("stage,steps", [("ar", 1), ("dit", 200)])
+def test_client_disconnect_cancels_on_the_worker(rc, stage, steps):
+    worker = f"{stage}-0"
+    offset = len(rc.procs[worker].log())
+    cancelled_before = metric(rc, 'glm_router_images_total{outcome="cancelled"}')
+    sock = open_request(rc, {"prompt": "a tree", "size": "256x256", "num_inference_steps": steps, "seed": 31})
+    job = rc.wait_for_log(worker, rf"job (\S+\.{stage}\.\d+) started", timeout=120, start=offset).group(1)
+    sock.close()  # the client goes away mid-job
+    # The router tells the worker, which stops the job (AR at the next token, DiT at the next step).
+    found = rc.wait_for_log(worker, rf"job {re.escape(job)} cancelled after ([\d.]+)s", timeout=30, start=offset)
+    log = rc.procs[worker].log()[offset:]
+    assert "cancel requested" in log
+    assert not re.search(rf"job {re.escape(job)} done", log)
+    if stage == "dit":
+        assert float(found.group(1)) < 60, "200 steps ran to the end instead of stopping"
+    rc.wait_for_log("router", r"client disconnected; request cancelled", timeout=10)
+    assert metric(rc, 'glm_router_images_total{outcome="cancelled"}') == cancelled_before + 1
+    # The slot is free again: a follow-up request is admitted (queue limit 0) and served.
+    t0 = time.monotonic()
+    response = generate(rc.url, seed=32, timeout=120)
+    assert response.status_code == 200, response.text[:300]
+    assert metric(rc, "glm_router_pending_images") == 0
+    print(f"\ncancel during {stage}: worker stopped the job after {found.group(1)}s; follow-up served in {time.monotonic() - t0:.1f}s")
+
+
+def test_overload_is_a_429_with_retry_after(rc):
+    offset = len(rc.procs["ar-0"].log())
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(generate, rc.url, seed=41, timeout=180)
+        rc.wait_for_log("ar-0", r"job \S+\.ar\.\d+ started", timeout=60, start=offset)
+        refused = [generate(rc.url, seed=42 + i, timeout=30) for i in range(3)]
+        assert first.result(timeout=180).status_code == 200
+    for response in refused:
+        assert response.status_code == 429, response.text[:300]
+        assert int(response.headers["Retry-After"]) >= 1
+        assert "capacity" in response.json()["error"]["message"]
+    assert metric(rc, "glm_router_admission_rejected_total") >= 3
+    assert generate(rc.url, seed=45, timeout=180).status_code == 200  # admitted again once idle
+
+
+def test_sigterm_drains_a_worker(rc):
+    offset = len(rc.procs["dit-0"].log())
+    router_offset = len(rc.procs["router"].log())
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(generate, rc.url, seed=51, steps=12, timeout=300)
+        job = rc.wait_for_log("dit-0", r"job (\S+\.dit\.\d+) started", timeout=120, start=offset).group(1)
+        rc.kill("dit-0", signal.SIGTERM)
+        response = future.result(timeout=300)
+    assert response.status_code == 200, response.text[:300]
+    assert rc.wait_exit("dit-0", timeout=60) == 0
+    log = rc.procs["dit-0"].log()[offset:]
+    assert "SIGTERM received: draining" in log and re.search(rf"job {re.escape(job)} done", log), log[-2000:]
+    router_log = rc.procs["router"].log()[router_offset:]
+    assert "worker dit-0 deregistered" in router_log
+    assert "re-dispatching" not in router_log  # the in-flight job finished where it was
+    rc.wait_for_workers(1, 0, timeout=10, exact=True)
+    rc.start_worker("dit", "dit-0")
+    rc.wait_for_workers(1, 1, timeout=180, exact=True)
+
+
+def test_router_sigterm_finishes_in_flight_requests(rc):
+    offset = len(rc.procs["dit-0"].log())
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(generate, rc.url, seed=61, steps=40, timeout=180)
+        # SIGTERM while the DiT still has most of its 40 steps to go.
+        rc.wait_for_log("dit-0", r"job \S+\.dit\.\d+ started", timeout=120, start=offset)
+        rc.kill("router", signal.SIGTERM)
+        response = future.result(timeout=180)
+    assert response.status_code == 200, response.text[:300]
+    # uvicorn re-raises the captured SIGTERM once the graceful shutdown is over.
+    assert rc.wait_exit("router", timeout=60) in (0, -signal.SIGTERM)
+    assert "unhandled error" not in rc.procs["router"].log()
+
+
+def test_restarted_router_is_found_by_its_workers(rc):
+    """Workers re-register with a new router on the same ports with no manual step: after the SIGTERM
+    above, and again after a SIGKILL. The router stays down until both workers have given up on it and
+    reconnected (the path that once left a worker deaf)."""
+    for sig in (None, signal.SIGKILL):
+        offsets = {name: len(rc.procs[name].log()) for name in ("ar-0", "dit-0")}
+        if sig is not None:
+            rc.kill("router", sig)
+            rc.wait_exit("router", timeout=30)
+        for name, offset in offsets.items():
+            rc.wait_for_log(name, r"router \S+ silent for [\d.]+s: reconnecting", timeout=30, start=offset)
+        rc.start_router()
+        rc.wait_for_workers(1, 1, timeout=60, exact=True)
+        for seed in (71, 72):
+            response = generate(rc.url, seed=seed, timeout=180)
+            assert response.status_code == 200, response.text[:300]

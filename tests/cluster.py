@@ -74,8 +74,9 @@ class Cluster:
     http_port: int = field(default_factory=free_port)
     bus_port: int = field(default_factory=free_port)
     procs: dict[str, Proc] = field(default_factory=dict)
-    # Extra environment for every process (e.g. OMP_NUM_THREADS to share a small CPU fairly).
-    env: dict[str, str] = field(default_factory=dict)
+    # Extra environment for every process. One math thread each: several processes share a
+    # small CPU, and oversubscribed OpenMP threads made requests several times slower.
+    env: dict[str, str] = field(default_factory=lambda: {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
 
     @property
     def url(self) -> str:

@@ -19,8 +19,6 @@ import pytest
 
 from tests.cluster import Cluster, generate, image_bytes, write_stage_config
 
-# One torch thread per process: 5 processes share a 2-core machine without thrashing.
-ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SEEDS = [101, 102, 103, 104, 105, 106]
 STEPS = 2
 
@@ -46,7 +44,7 @@ def run_all(url: str, seeds: list[int], timeout: float) -> list[httpx.Response]:
 def two_by_two(tiny_model, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("chaos")
     config = write_stage_config(workdir, {"router": {"request_deadline_s": 400, "max_retries": 2}})
-    c = Cluster(model=tiny_model, workdir=workdir, stage_config=config, num_ar=2, num_dit=2, env=ENV)
+    c = Cluster(model=tiny_model, workdir=workdir, stage_config=config, num_ar=2, num_dit=2)
     c.start()
     yield c
     c.stop()
@@ -88,7 +86,7 @@ def test_single_worker_loss_is_a_fast_503_then_recovers(tiny_model, tmp_path_fac
     workdir = tmp_path_factory.mktemp("chaos1")
     grace, deadline = 2.0, 120.0
     config = write_stage_config(workdir, {"router": {"no_worker_grace_s": grace, "request_deadline_s": deadline}})
-    c = Cluster(model=tiny_model, workdir=workdir, stage_config=config, env=ENV)
+    c = Cluster(model=tiny_model, workdir=workdir, stage_config=config)
     c.start()
     try:
         peer_timeout = 3.0  # bus.peer_timeout_s of the tiny config

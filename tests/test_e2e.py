@@ -42,10 +42,16 @@ def _png(size, seed) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def reference_pipeline(tiny_model):
+def reference_pipeline(tiny_model, cluster):
+    """The in-process reference, run with the workers' math thread count: CPU float reductions
+    depend on how many threads split them."""
+    threads = int(cluster.env.get("OMP_NUM_THREADS", torch.get_num_threads()))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     pipe = GlmImagePipeline.from_pretrained(str(tiny_model))
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    yield pipe
+    torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("size", ["512x512", "1024x512", "512x1024", "768x1344", "1024x1024"])

@@ -19,14 +19,13 @@ import pytest
 
 from tests.cluster import Cluster, generate, write_stage_config
 
-ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
 def rc(tiny_model, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reliability")
     config = write_stage_config(workdir, {"router": {"queue_limit_per_stage": 0}})
-    c = Cluster(model=tiny_model, workdir=workdir, stage_config=config, env=ENV)
+    c = Cluster(model=tiny_model, workdir=workdir, stage_config=config)
     c.start()
     yield c
     c.stop()

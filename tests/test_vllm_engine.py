@@ -1,7 +1,9 @@
 """The vLLM AR engine against transformers' GlmImageForConditionalGeneration.generate.
 
 Greedy decoding must give the same tokens, token for token, as transformers with a
-mask that allows only image codes at grid positions and EOS at the last one.
+mask that allows only image codes at grid positions and EOS at the last one; for
+image-to-image also the condition images' VQ ids (`prior_token_image_ids`), against
+the transformers engine (`TransformersAREngine`).
 Run with the vLLM venv: `.venv-vllm/bin/python -m pytest tests/test_vllm_engine.py`.
 """
 
@@ -13,7 +15,9 @@ import pytest
 
 pytest.importorskip("vllm")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from common.sizes import token_layout  # noqa: E402
 from common.stage_config import EngineArgs  # noqa: E402
@@ -105,6 +109,19 @@ def reference(tiny_model):
     return run
 
 
+@pytest.fixture(scope="module")
+def transformers_engine(tiny_model):
+    from stage_ar.transformers_engine import TransformersAREngine
+
+    return TransformersAREngine(tiny_model, EngineArgs(dtype="float32"), "cpu")
+
+
+def _condition_images(*sizes: tuple[int, int]) -> list[Image.Image]:
+    """Noise images of the given (width, height): every VQ id depends on real pixels."""
+    rng = np.random.default_rng(sum(w * 7 + h for w, h in sizes))
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
 def _generate(loop, engine, request):
     return loop.run_until_complete(engine.generate(request))
 
@@ -120,15 +137,62 @@ def test_t2i_greedy_matches_transformers(loop, engine, reference, width, height)
     assert int(out.generated_token_ids.max()) == 129 and int(out.generated_token_ids[:-1].max()) < 128
 
 
+@pytest.mark.parametrize(
+    ("condition_sizes", "width", "height"),
+    [([(384, 256)], 512, 384), ([(384, 256), (256, 256)], 256, 256)],
+    ids=["one-image", "two-images"],
+)
+def test_i2i_greedy_matches_transformers_engine(loop, engine, transformers_engine, condition_sizes, width, height):
+    images = _condition_images(*condition_sizes)
+    req = ARGenerationRequest(f"i2i-{len(images)}", PROMPT, height, width, condition_images=images, temperature=0.0)
+    out = _generate(loop, engine, req)
+    ref = loop.run_until_complete(transformers_engine.generate(req))
+    layout = token_layout(height, width, image_to_image=True)
+    assert len(out.generated_token_ids) == layout.tokens_to_generate
+    assert out.generated_token_ids.tolist() == ref.generated_token_ids.tolist()
+    assert out.prior_token_ids.tolist() == ref.prior_token_ids.tolist()
+    # The condition images' d32 VQ grids (the processor halves the image, patch 16).
+    assert [p.shape for p in out.prior_token_image_ids] == [(h // 32, w // 32) for w, h in condition_sizes]
+    assert [p.tolist() for p in out.prior_token_image_ids] == [p.tolist() for p in ref.prior_token_image_ids]
+
+
+def test_i2i_depends_on_the_condition_image(loop, engine):
+    """Different condition pixels give different VQ ids and (here) different tokens: the image is used."""
+    a, b = _condition_images((256, 256), (256, 256))
+    out_a = _generate(loop, engine, ARGenerationRequest("i2i-a", PROMPT, 256, 256, condition_images=[a], temperature=0.0))
+    out_b = _generate(loop, engine, ARGenerationRequest("i2i-b", PROMPT, 256, 256, condition_images=[b], temperature=0.0))
+    assert out_a.prior_token_image_ids[0].tolist() != out_b.prior_token_image_ids[0].tolist()
+    assert out_a.generated_token_ids.tolist() != out_b.generated_token_ids.tolist()
+
+
 def test_concurrent_requests_match_solo_runs(loop, engine):
     sizes = [(512, 512), (1024, 512), (512, 1024), (256, 256), (512, 512), (768, 512)]
     requests = [
         ARGenerationRequest(f"solo-{i}", f"{PROMPT} #{i}", h, w, temperature=0.0) for i, (w, h) in enumerate(sizes)
     ]
+    # Image-to-image requests in the same batch (one and two condition images).
+    requests.append(
+        ARGenerationRequest("solo-i2i-1", PROMPT, 384, 512, condition_images=_condition_images((256, 384)), temperature=0.0)
+    )
+    requests.append(
+        ARGenerationRequest(
+            "solo-i2i-2", PROMPT, 256, 256, condition_images=_condition_images((384, 256), (256, 256)), temperature=0.0
+        )
+    )
     solo = [_generate(loop, engine, r).generated_token_ids.tolist() for r in requests]
 
     async def together():
-        batch = [ARGenerationRequest(f"batch-{r.request_id}", r.prompt, r.height, r.width, temperature=0.0) for r in requests]
+        batch = [
+            ARGenerationRequest(
+                f"batch-{r.request_id}",
+                r.prompt,
+                r.height,
+                r.width,
+                condition_images=r.condition_images,
+                temperature=0.0,
+            )
+            for r in requests
+        ]
         return await asyncio.gather(*(engine.generate(r) for r in batch))
 
     batched = [o.generated_token_ids.tolist() for o in loop.run_until_complete(together())]

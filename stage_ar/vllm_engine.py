@@ -11,6 +11,12 @@ last position must be EOS. vLLM's built-in `allowed_token_ids` logits
 processor restricts every sampled token to the codebook, and the engine asks
 for exactly `tokens_to_generate - 1` tokens; the final EOS is appended, since
 a position whose only allowed token is EOS is EOS whatever the logits say.
+
+Image-to-image: the engine runs the condition images through GLM-Image's ViT + VQ
+tokenizer (`_ConditionImageTokenizer`, transformers modules with the checkpoint's
+weights) and hands vLLM each image as a multimodal item carrying its VQ ids and
+grid; the model embeds the ids in place of the `<|image|>` placeholders, as
+transformers does. See docs/vllm_engine.md.
 """
 
 from __future__ import annotations
@@ -24,11 +30,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from common.sizes import token_layout
 from common.stage_config import EngineArgs
-from stage_ar.engine import AREngine, ARGenerationOutput, ARGenerationRequest, GenerationCancelled
+from stage_ar.engine import (
+    AREngine,
+    ARGenerationOutput,
+    ARGenerationRequest,
+    GenerationCancelled,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +57,9 @@ class VllmAREngine(AREngine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         root = Path(model_path)
-        self._processor = AutoProcessor.from_pretrained(str(root), subfolder="processor")
+        self._processor = AutoProcessor.from_pretrained(
+            str(root), subfolder="processor"
+        )
         ar_dir = root / "vision_language_encoder"
         config = _read_json(ar_dir / "config.json")
         self._codebook_size = int(config["vq_config"]["num_embeddings"])
@@ -55,7 +67,9 @@ class VllmAREngine(AREngine):
         self._image_token_id = int(config["image_token_id"])
         self._device = device
         self._dtype = engine_args.dtype
-        self._vision: _ConditionImageTokenizer | None = None  # loaded on the first image-to-image request
+        self._vision: _ConditionImageTokenizer | None = (
+            None  # loaded on the first image-to-image request
+        )
         self._vision_lock = threading.Lock()
         self._ar_dir = ar_dir
 
@@ -77,6 +91,9 @@ class VllmAREngine(AREngine):
             # Condition images reach the model as precomputed VQ ids (see _build_prompt),
             # which vLLM treats as embedding inputs.
             enable_mm_embeds=True,
+            # Their items (a few thousand ids) are hashed for the encoder/prefix caches;
+            # sha256 is in the standard library (vLLM's default, blake3, is an extra package).
+            mm_hasher_algorithm="sha256",
             disable_log_stats=True,
         )
         self._engine = AsyncLLM.from_engine_args(args)
@@ -126,7 +143,9 @@ class VllmAREngine(AREngine):
                 f"expected {layout.tokens_to_generate - 1}"
             )
         tokens = np.asarray(grid + [self._eos], dtype=np.int64)
-        target = tokens[layout.target_offset : layout.target_offset + layout.target_tokens]
+        target = tokens[
+            layout.target_offset : layout.target_offset + layout.target_tokens
+        ]
         return ARGenerationOutput(
             generated_token_ids=tokens,
             prior_token_ids=target.reshape(layout.target_h, layout.target_w),
@@ -143,14 +162,18 @@ class VllmAREngine(AREngine):
         self._engine.shutdown()
 
     # --- prompt ---
-    def _build_prompt(self, request: ARGenerationRequest) -> tuple[dict, list[np.ndarray]]:
+    def _build_prompt(
+        self, request: ARGenerationRequest
+    ) -> tuple[dict, list[np.ndarray]]:
         content = [{"type": "image", "image": img} for img in request.condition_images]
         content.append({"type": "text", "text": request.prompt})
+        # A batch of one conversation, as the diffusers pipeline calls it: for an
+        # unbatched conversation the processor leaves the condition grids out of
+        # image_grid_thw.
         inputs = self._processor.apply_chat_template(
-            [{"role": "user", "content": content}],
+            [[{"role": "user", "content": content}]],
             tokenize=True,
-            target_h=request.height,
-            target_w=request.width,
+            processor_kwargs={"target_h": request.height, "target_w": request.width},
             return_dict=True,
             return_tensors="pt",
         )
@@ -162,27 +185,35 @@ class VllmAREngine(AREngine):
         n = len(request.condition_images)
         # The processor lists the condition images' grids first, then the target grid.
         cond_grids = inputs["image_grid_thw"][:n].to(torch.long)
-        with self._vision_lock:
-            if self._vision is None:
-                self._vision = _ConditionImageTokenizer(self._ar_dir, self._dtype, self._device)
-            vq_ids = self._vision.tokenize(inputs["pixel_values"], cond_grids)
-        for grid, part in zip(cond_grids.tolist(), vq_ids):
-            if grid[1] * grid[2] > MAX_CONDITION_TOKENS:
+        for _, h, w in cond_grids.tolist():
+            if h * w > MAX_CONDITION_TOKENS:
                 raise ValueError(
-                    f"condition image gives a {grid[1]}x{grid[2]} code grid; at most "
+                    f"condition image gives a {h}x{w} code grid; at most "
                     f"{MAX_CONDITION_TOKENS} codes (a 2048x2048 image) are supported"
                 )
-        prompt_ids = _collapse_placeholders(ids, self._image_token_id, [g[1] * g[2] for g in cond_grids.tolist()])
+        with self._vision_lock:  # one ViT + VQ pass at a time; loaded on first use
+            if self._vision is None:
+                self._vision = _ConditionImageTokenizer(
+                    self._ar_dir, self._dtype, self._device
+                )
+            vq_ids = self._vision.tokenize(inputs["pixel_values"], cond_grids)
+        prompt_ids = _collapse_placeholders(
+            ids, self._image_token_id, [g[1] * g[2] for g in cond_grids.tolist()]
+        )
         mm_data = {
             "image": {
-                "image_token_ids": torch.cat([torch.from_numpy(p).reshape(-1) for p in vq_ids]),
+                "image_token_ids": torch.cat(
+                    [torch.from_numpy(p).reshape(-1) for p in vq_ids]
+                ),
                 "image_grid_thw": cond_grids,
             }
         }
         return {"prompt_token_ids": prompt_ids, "multi_modal_data": mm_data}, vq_ids
 
 
-def _collapse_placeholders(ids: list[int], placeholder: int, run_lengths: list[int]) -> list[int]:
+def _collapse_placeholders(
+    ids: list[int], placeholder: int, run_lengths: list[int]
+) -> list[int]:
     """Collapse each condition image's run of `<|image|>` placeholders to one token.
 
     vLLM's multimodal processor expands each item's single placeholder to h*w copies
@@ -198,7 +229,9 @@ def _collapse_placeholders(ids: list[int], placeholder: int, run_lengths: list[i
             runs.append(1)
         out.append(tok)
     if runs != run_lengths:
-        raise RuntimeError(f"processor wrote placeholder runs {runs}, expected {run_lengths} for the condition grids")
+        raise RuntimeError(
+            f"processor wrote placeholder runs {runs}, expected {run_lengths} for the condition grids"
+        )
     return out
 
 
@@ -213,12 +246,21 @@ class _ConditionImageTokenizer:
     def __init__(self, ar_dir: Path, dtype: str, device: str) -> None:
         from safetensors import safe_open
         from transformers import AutoConfig
-        from transformers.models.glm_image.modeling_glm_image import GlmImageVisionModel, GlmImageVQVAE
+        from transformers.models.glm_image.modeling_glm_image import (
+            GlmImageVisionModel,
+            GlmImageVQVAE,
+        )
 
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        torch_dtype = {
+            "float32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+        }[dtype]
         config = AutoConfig.from_pretrained(str(ar_dir))
         self.device = torch.device(device)
-        self.visual = GlmImageVisionModel._from_config(config.vision_config, dtype=torch_dtype)
+        self.visual = GlmImageVisionModel._from_config(
+            config.vision_config, dtype=torch_dtype
+        )
         self.vqmodel = GlmImageVQVAE._from_config(config.vq_config, dtype=torch_dtype)
         modules = {"model.visual.": self.visual, "model.vqmodel.": self.vqmodel}
         states: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in modules}
@@ -229,7 +271,7 @@ class _ConditionImageTokenizer:
             shards = ["model.safetensors"]
         for shard in shards:
             with safe_open(str(ar_dir / shard), framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                     for prefix in modules:
                         if key.startswith(prefix):
                             states[prefix][key[len(prefix) :]] = f.get_tensor(key)
@@ -238,18 +280,24 @@ class _ConditionImageTokenizer:
             # Non-persistent buffers are rebuilt by the module; anything else missing is an error.
             missing = [k for k in missing if k in dict(module.named_parameters())]
             if missing or unexpected:
-                raise RuntimeError(f"{prefix}: missing {missing}, unexpected {unexpected}")
+                raise RuntimeError(
+                    f"{prefix}: missing {missing}, unexpected {unexpected}"
+                )
             module.to(device=self.device, dtype=torch_dtype).eval()
 
     @torch.inference_mode()
-    def tokenize(self, pixel_values: torch.Tensor, grids: torch.Tensor) -> list[np.ndarray]:
+    def tokenize(
+        self, pixel_values: torch.Tensor, grids: torch.Tensor
+    ) -> list[np.ndarray]:
         """VQ code ids of each condition image, shape (h, w) per image (d32 grids)."""
         grids = grids.to(self.device)
         pixel_values = pixel_values.to(device=self.device, dtype=self.visual.dtype)
         features = self.visual(pixel_values, grid_thw=grids).pooler_output
         hidden = features.shape[-1]
         out = []
-        for part, (t, h, w) in zip(torch.split(features, grids.prod(-1).tolist()), grids.tolist()):
+        for part, (t, h, w) in zip(
+            torch.split(features, grids.prod(-1).tolist()), grids.tolist()
+        ):
             hs = part.view(t, h, w, hidden).permute(0, 3, 1, 2).contiguous()
             ids = self.vqmodel.encode(hs).image_tokens
             out.append(ids.view(h, w).cpu().numpy().astype(np.int64))
@@ -260,4 +308,3 @@ def _read_json(path: Path) -> dict:
     import json
 
     return json.loads(path.read_text())
-

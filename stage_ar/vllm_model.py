@@ -18,6 +18,9 @@ that transformers' `_cached_decode_position_ids` holds. A position value alone
 determines its 2D position, so this survives batching, chunked prefill, prefix
 caching, preemption/recompute and tensor parallelism (every rank interns the
 same layouts in the same order).
+
+Condition images (image-to-image) arrive as multimodal items carrying their VQ
+code ids and grids (see `GlmImageMultiModalProcessor`).
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 from torch import nn
-
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
@@ -38,7 +41,10 @@ from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLine
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsMultiModal
 from vllm.model_executor.models.llama import LlamaMLP
@@ -85,7 +91,9 @@ class DecodeLayouts:
             raise ValueError(f"GLM-Image generates one or two grids, got {len(grids)}")
         (g1h, g1w), (g2h, g2w) = (list(grids) + [(0, 0)])[:2]
         if g1h * g1w + g2h * g2w + 1 > 1 << INDEX_BITS:
-            raise ValueError(f"grids {grids} need more tokens than the decode-position encoding allows")
+            raise ValueError(
+                f"grids {grids} need more tokens than the decode-position encoding allows"
+            )
         key = (start, g1h, g1w, g2h, g2w)
         layout_id = self._ids.get(key)
         if layout_id is not None:
@@ -121,7 +129,9 @@ class DecodeLayouts:
         t = torch.where(in1, start, torch.where(in2, base2, base3))
         h = torch.where(in1, start + k // w1, torch.where(in2, base2 + k2 // w2, base3))
         w = torch.where(in1, start + k % w1, torch.where(in2, base2 + k2 % w2, base3))
-        return torch.where(flagged, torch.stack([t, h, w]).to(positions.dtype), positions)
+        return torch.where(
+            flagged, torch.stack([t, h, w]).to(positions.dtype), positions
+        )
 
 
 class GlmImageTextAttention(nn.Module):
@@ -134,7 +144,9 @@ class GlmImageTextAttention(nn.Module):
     ) -> None:
         super().__init__()
         tp_size = get_tensor_model_parallel_world_size()
-        self.head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+        self.head_dim = (
+            config.head_dim or config.hidden_size // config.num_attention_heads
+        )
         self.num_heads = config.num_attention_heads // tp_size
         # Fewer KV heads than ranks: vLLM replicates them.
         self.num_kv_heads = max(1, config.num_key_value_heads // tp_size)
@@ -174,7 +186,9 @@ class GlmImageTextAttention(nn.Module):
             prefix=f"{prefix}.attn",
         )
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor
+    ) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.rotary_emb(positions, q, k)
@@ -187,7 +201,9 @@ class GlmImageTextDecoderLayer(nn.Module):
 
     def __init__(self, config, cache_config, quant_config, prefix: str) -> None:
         super().__init__()
-        self.self_attn = GlmImageTextAttention(config, cache_config, quant_config, f"{prefix}.self_attn")
+        self.self_attn = GlmImageTextAttention(
+            config, cache_config, quant_config, f"{prefix}.self_attn"
+        )
         self.mlp = LlamaMLP(
             config.hidden_size,
             config.intermediate_size,
@@ -202,28 +218,40 @@ class GlmImageTextDecoderLayer(nn.Module):
         self.post_mlp_layernorm = RMSNorm(config.hidden_size, eps=eps)
 
     def forward(
-        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.post_self_attn_layernorm(self.self_attn(positions, hidden_states))
+        hidden_states = self.post_self_attn_layernorm(
+            self.self_attn(positions, hidden_states)
+        )
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         hidden_states = self.post_mlp_layernorm(self.mlp(hidden_states))
         return hidden_states, residual
 
 
-@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": -1, "inputs_embeds": 0})
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "positions": -1, "inputs_embeds": 0}
+)
 class GlmImageTextModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         config = vllm_config.model_config.hf_config.text_config
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size
+        )
         self.layers = nn.ModuleList(
             GlmImageTextDecoderLayer(
-                config, vllm_config.cache_config, vllm_config.quant_config, f"{prefix}.layers.{i}"
+                config,
+                vllm_config.cache_config,
+                vllm_config.quant_config,
+                f"{prefix}.layers.{i}",
             )
             for i in range(config.num_hidden_layers)
         )
@@ -238,7 +266,9 @@ class GlmImageTextModel(nn.Module):
         positions: torch.Tensor,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
+        hidden_states = (
+            inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
+        )
         residual = None
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual)
@@ -266,7 +296,9 @@ CONDITION_FIELDS = ("image_token_ids", "image_grid_thw")
 def _condition_fields(hf_inputs) -> dict[str, MultiModalFieldConfig]:
     grid = hf_inputs.get("image_grid_thw", torch.empty((0, 3), dtype=torch.long))
     return {
-        "image_token_ids": MultiModalFieldConfig.flat_from_sizes("image", grid.prod(-1)),
+        "image_token_ids": MultiModalFieldConfig.flat_from_sizes(
+            "image", grid.prod(-1)
+        ),
         "image_grid_thw": MultiModalFieldConfig.batched("image", keep_on_cpu=True),
     }
 
@@ -274,13 +306,15 @@ def _condition_fields(hf_inputs) -> dict[str, MultiModalFieldConfig]:
 class GlmImageDataParser(MultiModalDataParser):
     """Accepts condition images only as precomputed VQ ids plus their grids."""
 
-    embedding_fields = {"image": {"image_token_ids": "values", "image_grid_thw": "metadata"}}
+    embedding_fields: ClassVar = {
+        "image": {"image_token_ids": "values", "image_grid_thw": "metadata"}
+    }
 
     def _parse_image_data(self, data):
         if data is None:
             return None
         if not isinstance(data, dict):
-            raise ValueError(
+            raise TypeError(
                 "GLM-Image condition images must be given as {'image_token_ids': flat VQ ids, "
                 "'image_grid_thw': (n, 3)} (stage_ar.vllm_engine computes them), not raw images"
             )
@@ -296,7 +330,9 @@ class GlmImageDataParser(MultiModalDataParser):
 
 class GlmImageProcessingInfo(BaseProcessingInfo):
     def get_data_parser(self) -> MultiModalDataParser:
-        return GlmImageDataParser(allow_missing_mm_embeddings=self.allow_missing_mm_embeddings)
+        return GlmImageDataParser(
+            allow_missing_mm_embeddings=self.allow_missing_mm_embeddings
+        )
 
     def get_supported_mm_limits(self) -> dict[str, int | None]:
         return {"image": None}
@@ -307,7 +343,9 @@ class GlmImageProcessingInfo(BaseProcessingInfo):
 
 class GlmImageDummyInputsBuilder(BaseDummyInputsBuilder[GlmImageProcessingInfo]):
     def get_dummy_text(self, mm_counts) -> str:
-        token = self.info.get_tokenizer().convert_ids_to_tokens(self.info.get_hf_config().image_token_id)
+        token = self.info.get_tokenizer().convert_ids_to_tokens(
+            self.info.get_hf_config().image_token_id
+        )
         return token * mm_counts.get("image", 0)
 
     def get_dummy_mm_data(self, seq_len: int, mm_counts, mm_options=None) -> dict:
@@ -325,7 +363,9 @@ class GlmImageDummyInputsBuilder(BaseDummyInputsBuilder[GlmImageProcessingInfo])
 
 
 class GlmImageMultiModalProcessor(BaseMultiModalProcessor[GlmImageProcessingInfo]):
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> dict[str, MultiModalFieldConfig]:
+    def _get_mm_fields_config(
+        self, hf_inputs, hf_processor_mm_kwargs
+    ) -> dict[str, MultiModalFieldConfig]:
         return _condition_fields(hf_inputs)
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
@@ -333,13 +373,21 @@ class GlmImageMultiModalProcessor(BaseMultiModalProcessor[GlmImageProcessingInfo
 
         def replacement(item_idx: int):
             grid = out_mm_kwargs["image"][item_idx]["image_grid_thw"].data
-            return PromptUpdateDetails.select_token_id([image_token_id] * int(grid.prod()), image_token_id)
+            return PromptUpdateDetails.select_token_id(
+                [image_token_id] * int(grid.prod()), image_token_id
+            )
 
-        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+        return [
+            PromptReplacement(
+                modality="image", target=[image_token_id], replacement=replacement
+            )
+        ]
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    GlmImageMultiModalProcessor, info=GlmImageProcessingInfo, dummy_inputs=GlmImageDummyInputsBuilder
+    GlmImageMultiModalProcessor,
+    info=GlmImageProcessingInfo,
+    dummy_inputs=GlmImageDummyInputsBuilder,
 )
 class GlmImageForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMRoPE):
     """GLM-Image AR model for vLLM: prompt (+ grid scaffold) -> image-code tokens.
@@ -357,7 +405,9 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMR
         self.config = config
         self.image_start_token_id = config.image_start_token_id
         self.image_end_token_id = config.image_end_token_id
-        self.language_model = GlmImageTextModel(vllm_config=vllm_config, prefix="language_model")
+        self.language_model = GlmImageTextModel(
+            vllm_config=vllm_config, prefix="language_model"
+        )
         # Only the vision vocabulary (image codes + start/end) can be generated.
         self.lm_head = ParallelLMHead(
             text_config.vision_vocab_size,
@@ -372,7 +422,9 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMR
         self._layouts = DecodeLayouts(vllm_config.device_config.device)
 
     # --- M-RoPE ---
-    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
+    def get_mrope_input_positions(
+        self, input_tokens: list[int], mm_features: list
+    ) -> tuple[torch.Tensor, int]:
         """Prompt positions as transformers' `get_rope_index`, plus a delta encoding the decode layout.
 
         Condition images (a run of tokens between image start and image end) take 2D
@@ -394,7 +446,9 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMR
             pos += n_text
             rows = torch.arange(h).repeat_interleave(w)
             cols = torch.arange(w).repeat(h)
-            pieces.append(torch.stack([torch.full((h * w,), pos), pos + rows, pos + cols]))
+            pieces.append(
+                torch.stack([torch.full((h * w,), pos), pos + rows, pos + cols])
+            )
             pos += max(h, w)
             prev = end
         n_text = len(input_tokens) - prev
@@ -416,7 +470,9 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMR
         delta = FLAG + (layout_id << INDEX_BITS) - len(input_tokens)
         return positions, delta
 
-    def _condition_grids(self, input_tokens, ends, mm_features) -> list[tuple[int, int]]:
+    def _condition_grids(
+        self, input_tokens, ends, mm_features
+    ) -> list[tuple[int, int]]:
         grids = []
         for feature in mm_features or []:
             thw = feature.data["image_grid_thw"].data.tolist()
@@ -442,7 +498,9 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMR
         if ids is None or grids is None:
             return ()
         if isinstance(grids, (list, tuple)):
-            grids = torch.stack([torch.as_tensor(g).reshape(-1, 3) for g in grids]).reshape(-1, 3)
+            grids = torch.stack(
+                [torch.as_tensor(g).reshape(-1, 3) for g in grids]
+            ).reshape(-1, 3)
         grids = grids.reshape(-1, 3)
         sizes = grids.prod(-1).tolist()
         if isinstance(ids, (list, tuple)):
@@ -453,10 +511,16 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMR
         out = []
         for part, size in zip(parts, sizes, strict=True):
             if part.numel() != size:
-                raise ValueError(f"condition image has {part.numel()} VQ ids for a grid of {size}")
+                raise ValueError(
+                    f"condition image has {part.numel()} VQ ids for a grid of {size}"
+                )
             part = part.to(device=weight.device, dtype=torch.long)
-            if part.numel() and (int(part.min()) < 0 or int(part.max()) >= self.codebook_size):
-                raise ValueError(f"condition image VQ ids must lie in 0..{self.codebook_size - 1}")
+            if part.numel() and (
+                int(part.min()) < 0 or int(part.max()) >= self.codebook_size
+            ):
+                raise ValueError(
+                    f"condition image VQ ids must lie in 0..{self.codebook_size - 1}"
+                )
             out.append(self.language_model.embed_input_ids(part))
         return tuple(out)
 
@@ -480,7 +544,9 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMR
             return None
         # vLLM's sampler works over the full (text) vocabulary; ids past the vision
         # vocabulary have no lm_head row and can never be sampled.
-        return torch.nn.functional.pad(logits, (0, self.vocab_size - logits.shape[-1]), value=float("-inf"))
+        return torch.nn.functional.pad(
+            logits, (0, self.vocab_size - logits.shape[-1]), value=float("-inf")
+        )
 
     # --- weights ---
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -15,13 +15,13 @@ import pytest
 
 pytest.importorskip("vllm")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
-from common.sizes import token_layout  # noqa: E402
-from common.stage_config import EngineArgs  # noqa: E402
-from stage_ar.engine import ARGenerationRequest, GenerationCancelled  # noqa: E402
+from common.sizes import token_layout
+from common.stage_config import EngineArgs
+from stage_ar.engine import ARGenerationRequest, GenerationCancelled
 
 PROMPT = "a red fox in the snow"
 
@@ -46,7 +46,12 @@ def engine(tiny_model, loop):
 
     async def start():
         # float32 like the transformers reference, so greedy argmaxes agree exactly.
-        args = EngineArgs(dtype="float32", max_num_seqs=16, gpu_memory_utilization=0.15, enforce_eager=True)
+        args = EngineArgs(
+            dtype="float32",
+            max_num_seqs=16,
+            gpu_memory_utilization=0.15,
+            enforce_eager=True,
+        )
         return VllmAREngine(tiny_model, args, "cpu")
 
     eng = loop.run_until_complete(start())
@@ -65,7 +70,9 @@ def reference(tiny_model):
     )
 
     processor = AutoProcessor.from_pretrained(tiny_model, subfolder="processor")
-    model = GlmImageForConditionalGeneration.from_pretrained(tiny_model, subfolder="vision_language_encoder").eval()
+    model = GlmImageForConditionalGeneration.from_pretrained(
+        tiny_model, subfolder="vision_language_encoder"
+    ).eval()
     codebook = model.config.vq_config.num_embeddings
     eos = model.config.image_end_token_id
 
@@ -83,7 +90,9 @@ def reference(tiny_model):
             return scores + mask
 
     def run(prompt: str, height: int, width: int, images=()):
-        content = [{"type": "image", "image": img} for img in images] + [{"type": "text", "text": prompt}]
+        content = [{"type": "image", "image": img} for img in images] + [
+            {"type": "text", "text": prompt}
+        ]
         inputs = processor.apply_chat_template(
             [{"role": "user", "content": content}],
             tokenize=True,
@@ -92,7 +101,9 @@ def reference(tiny_model):
             return_dict=True,
             return_tensors="pt",
         )
-        total = token_layout(height, width, image_to_image=bool(images)).tokens_to_generate
+        total = token_layout(
+            height, width, image_to_image=bool(images)
+        ).tokens_to_generate
         prompt_len = inputs["input_ids"].shape[1]
         with torch.no_grad():
             out = model.generate(
@@ -119,7 +130,10 @@ def transformers_engine(tiny_model):
 def _condition_images(*sizes: tuple[int, int]) -> list[Image.Image]:
     """Noise images of the given (width, height): every VQ id depends on real pixels."""
     rng = np.random.default_rng(sum(w * 7 + h for w, h in sizes))
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    return [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for w, h in sizes
+    ]
 
 
 def _generate(loop, engine, request):
@@ -128,13 +142,18 @@ def _generate(loop, engine, request):
 
 @pytest.mark.parametrize(("width", "height"), [(512, 512), (1024, 512), (512, 1024)])
 def test_t2i_greedy_matches_transformers(loop, engine, reference, width, height):
-    req = ARGenerationRequest(f"t2i-{width}x{height}", PROMPT, height, width, temperature=0.0)
+    req = ARGenerationRequest(
+        f"t2i-{width}x{height}", PROMPT, height, width, temperature=0.0
+    )
     out = _generate(loop, engine, req)
     layout = token_layout(height, width, image_to_image=False)
     assert len(out.generated_token_ids) == layout.tokens_to_generate
     assert out.generated_token_ids.tolist() == reference(PROMPT, height, width)
     assert out.prior_token_ids.shape == (height // 32, width // 32)
-    assert int(out.generated_token_ids.max()) == 129 and int(out.generated_token_ids[:-1].max()) < 128
+    assert (
+        int(out.generated_token_ids.max()) == 129
+        and int(out.generated_token_ids[:-1].max()) < 128
+    )
 
 
 @pytest.mark.parametrize(
@@ -142,9 +161,18 @@ def test_t2i_greedy_matches_transformers(loop, engine, reference, width, height)
     [([(384, 256)], 512, 384), ([(384, 256), (256, 256)], 256, 256)],
     ids=["one-image", "two-images"],
 )
-def test_i2i_greedy_matches_transformers_engine(loop, engine, transformers_engine, condition_sizes, width, height):
+def test_i2i_greedy_matches_transformers_engine(
+    loop, engine, transformers_engine, condition_sizes, width, height
+):
     images = _condition_images(*condition_sizes)
-    req = ARGenerationRequest(f"i2i-{len(images)}", PROMPT, height, width, condition_images=images, temperature=0.0)
+    req = ARGenerationRequest(
+        f"i2i-{len(images)}",
+        PROMPT,
+        height,
+        width,
+        condition_images=images,
+        temperature=0.0,
+    )
     out = _generate(loop, engine, req)
     ref = loop.run_until_complete(transformers_engine.generate(req))
     layout = token_layout(height, width, image_to_image=True)
@@ -152,31 +180,63 @@ def test_i2i_greedy_matches_transformers_engine(loop, engine, transformers_engin
     assert out.generated_token_ids.tolist() == ref.generated_token_ids.tolist()
     assert out.prior_token_ids.tolist() == ref.prior_token_ids.tolist()
     # The condition images' d32 VQ grids (the processor halves the image, patch 16).
-    assert [p.shape for p in out.prior_token_image_ids] == [(h // 32, w // 32) for w, h in condition_sizes]
-    assert [p.tolist() for p in out.prior_token_image_ids] == [p.tolist() for p in ref.prior_token_image_ids]
+    assert [p.shape for p in out.prior_token_image_ids] == [
+        (h // 32, w // 32) for w, h in condition_sizes
+    ]
+    assert [p.tolist() for p in out.prior_token_image_ids] == [
+        p.tolist() for p in ref.prior_token_image_ids
+    ]
 
 
 def test_i2i_depends_on_the_condition_image(loop, engine):
     """Different condition pixels give different VQ ids and (here) different tokens: the image is used."""
     a, b = _condition_images((256, 256), (256, 256))
-    out_a = _generate(loop, engine, ARGenerationRequest("i2i-a", PROMPT, 256, 256, condition_images=[a], temperature=0.0))
-    out_b = _generate(loop, engine, ARGenerationRequest("i2i-b", PROMPT, 256, 256, condition_images=[b], temperature=0.0))
-    assert out_a.prior_token_image_ids[0].tolist() != out_b.prior_token_image_ids[0].tolist()
+    out_a = _generate(
+        loop,
+        engine,
+        ARGenerationRequest(
+            "i2i-a", PROMPT, 256, 256, condition_images=[a], temperature=0.0
+        ),
+    )
+    out_b = _generate(
+        loop,
+        engine,
+        ARGenerationRequest(
+            "i2i-b", PROMPT, 256, 256, condition_images=[b], temperature=0.0
+        ),
+    )
+    assert (
+        out_a.prior_token_image_ids[0].tolist()
+        != out_b.prior_token_image_ids[0].tolist()
+    )
     assert out_a.generated_token_ids.tolist() != out_b.generated_token_ids.tolist()
 
 
 def test_concurrent_requests_match_solo_runs(loop, engine):
     sizes = [(512, 512), (1024, 512), (512, 1024), (256, 256), (512, 512), (768, 512)]
     requests = [
-        ARGenerationRequest(f"solo-{i}", f"{PROMPT} #{i}", h, w, temperature=0.0) for i, (w, h) in enumerate(sizes)
+        ARGenerationRequest(f"solo-{i}", f"{PROMPT} #{i}", h, w, temperature=0.0)
+        for i, (w, h) in enumerate(sizes)
     ]
     # Image-to-image requests in the same batch (one and two condition images).
     requests.append(
-        ARGenerationRequest("solo-i2i-1", PROMPT, 384, 512, condition_images=_condition_images((256, 384)), temperature=0.0)
+        ARGenerationRequest(
+            "solo-i2i-1",
+            PROMPT,
+            384,
+            512,
+            condition_images=_condition_images((256, 384)),
+            temperature=0.0,
+        )
     )
     requests.append(
         ARGenerationRequest(
-            "solo-i2i-2", PROMPT, 256, 256, condition_images=_condition_images((384, 256), (256, 256)), temperature=0.0
+            "solo-i2i-2",
+            PROMPT,
+            256,
+            256,
+            condition_images=_condition_images((384, 256), (256, 256)),
+            temperature=0.0,
         )
     )
     solo = [_generate(loop, engine, r).generated_token_ids.tolist() for r in requests]
@@ -195,20 +255,32 @@ def test_concurrent_requests_match_solo_runs(loop, engine):
         ]
         return await asyncio.gather(*(engine.generate(r) for r in batch))
 
-    batched = [o.generated_token_ids.tolist() for o in loop.run_until_complete(together())]
+    batched = [
+        o.generated_token_ids.tolist() for o in loop.run_until_complete(together())
+    ]
     assert batched == solo
 
 
 def test_seeded_sampling_is_reproducible(loop, engine):
-    a = _generate(loop, engine, ARGenerationRequest("seed-a", PROMPT, 512, 512, temperature=0.9, seed=7))
-    b = _generate(loop, engine, ARGenerationRequest("seed-b", PROMPT, 512, 512, temperature=0.9, seed=7))
+    a = _generate(
+        loop,
+        engine,
+        ARGenerationRequest("seed-a", PROMPT, 512, 512, temperature=0.9, seed=7),
+    )
+    b = _generate(
+        loop,
+        engine,
+        ARGenerationRequest("seed-b", PROMPT, 512, 512, temperature=0.9, seed=7),
+    )
     assert a.generated_token_ids.tolist() == b.generated_token_ids.tolist()
     assert int(a.generated_token_ids[:-1].max()) < 128
 
 
 def test_abort_raises_cancelled(loop, engine):
     async def run():
-        task = asyncio.ensure_future(engine.generate(ARGenerationRequest("to-abort", PROMPT, 2048, 2048)))
+        task = asyncio.ensure_future(
+            engine.generate(ARGenerationRequest("to-abort", PROMPT, 2048, 2048))
+        )
         await asyncio.sleep(0.5)
         await engine.abort("to-abort")
         with pytest.raises(GenerationCancelled):

@@ -159,7 +159,11 @@ class VllmAREngine(AREngine):
             await self._engine.abort(request_id)
 
     async def shutdown(self) -> None:
-        self._engine.shutdown()
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.shutdown()
+            # Collect it now: AsyncLLM.__del__ shuts down again, which fails at interpreter exit.
+            del engine
 
     # --- prompt ---
     def _build_prompt(

@@ -27,13 +27,6 @@ PROMPT = "a red fox in the snow"
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from launch.tiny_model import build_tiny_model
-
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "glm_image"))
-
-
-@pytest.fixture(scope="module")
 def loop():
     loop = asyncio.new_event_loop()
     yield loop

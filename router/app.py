@@ -361,15 +361,7 @@ class _ImageAPI:
         body = parse_body(ImageGenerationRequest, data, self.limits)
         self._check_model(body.model)
         width, height = resolve_size(body.size, self.limits)
-        image_request = ImageRequest(
-            request_id=self._job_id(request), prompt=body.prompt, width=width, height=height, n=body.n,
-            seed=body.seed, num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
-            negative_prompt=body.negative_prompt, output_format=body.output_format)
-        try:
-            images = await self._generate(request, image_request)
-        except ClientDisconnected:
-            return self._client_gone(request)
-        return JSONResponse(_images_response(images, width, height, body.output_format).model_dump(mode="json"))
+        return await self._images_response(request, body, width, height)
 
     async def edits(self, request: Request) -> Response:
         """Create images from a prompt and one or more condition images (OpenAI `images.edit`)."""
@@ -403,10 +395,17 @@ class _ImageAPI:
         finally:
             await form.close()
         width, height = resolve_size(body.size, self.limits, auto_size=conditions[0].size)
+        return await self._images_response(request, body, width, height, [c.png for c in conditions])
+
+    async def _images_response(
+        self, request: Request, body: ImageGenerationRequest | ImageEditForm, width: int, height: int,
+        condition_images: list[bytes] | None = None,
+    ) -> Response:
+        """Run an images-API request and answer in OpenAI's images shape."""
         image_request = ImageRequest(
             request_id=self._job_id(request), prompt=body.prompt, width=width, height=height, n=body.n,
             seed=body.seed, num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
-            negative_prompt=body.negative_prompt, condition_images=[c.png for c in conditions],
+            negative_prompt=body.negative_prompt, condition_images=condition_images or [],
             output_format=body.output_format)
         try:
             images = await self._generate(request, image_request)

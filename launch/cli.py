@@ -86,11 +86,15 @@ def _resolve_model(arg: str | None, config) -> str:
     return model
 
 
-def _resolve_device(arg: str | None, devices: str) -> str:
+def _resolve_device(arg: str | None, devices: str, engine: str) -> str:
+    """The worker's device: GPU index N means cuda:N. A vLLM engine takes the whole list
+    (cuda:0,1 for tensor parallelism); other engines run on the first device."""
     if arg:
         return arg
-    first = devices.split(",")[0].strip()
-    return f"cuda:{first}" if first.isdigit() else first
+    ids = [d.strip() for d in devices.split(",") if d.strip()]
+    if not all(d.isdigit() for d in ids):
+        return ids[0]
+    return f"cuda:{','.join(ids)}" if engine == "vllm" else f"cuda:{ids[0]}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     model = _resolve_model(args.model, config)
     stage = config.ar if args.command == "ar-worker" else config.dit
-    device = _resolve_device(args.device, stage.devices)
+    device = _resolve_device(args.device, stage.devices, getattr(stage, "engine", "transformers"))
     from common.worker_main import WorkerOptions
 
     options = WorkerOptions(

@@ -65,7 +65,7 @@ class VllmAREngine(AREngine):
         self._codebook_size = int(config["vq_config"]["num_embeddings"])
         self._eos = int(config["image_end_token_id"])
         self._image_token_id = int(config["image_token_id"])
-        self._device = device
+        self._device = device  # where the condition-image tokenizer runs
         self._dtype = engine_args.dtype
         self._vision: _ConditionImageTokenizer | None = (
             None  # loaded on the first image-to-image request
@@ -76,6 +76,11 @@ class VllmAREngine(AREngine):
         if device.startswith("cpu"):
             # vLLM's CPU backend binds OpenMP threads itself; an inherited setting would fight it.
             os.environ.pop("OMP_NUM_THREADS", None)
+        elif device.startswith("cuda:"):
+            # vLLM chooses its GPUs itself (one per tensor-parallel rank, from index 0): pin this
+            # worker's cards through CUDA_VISIBLE_DEVICES before anything initialises CUDA.
+            os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+            self._device = "cuda:0"
         args = AsyncEngineArgs(
             model=str(ar_dir),
             tokenizer=str(root / "processor"),

@@ -69,9 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="client: text-to-image through a running router, saved to a file")
     gen.add_argument("--url", default="http://127.0.0.1:8000", help="router URL (default: %(default)s)")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", required=True, help="text prompt; quoted text in it is rendered as glyphs")
     gen.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT, multiples of 32 (default: %(default)s)")
-    gen.add_argument("--seed", type=int)
+    gen.add_argument("--seed", type=int, help="random seed (default: the stage config's)")
     gen.add_argument("--steps", type=int, help="num_inference_steps")
     gen.add_argument("--out", required=True, help="output image path")
     return parser

@@ -39,7 +39,7 @@ _ACCEPTED_TEXT = "PNG, JPEG or WebP"
 # data:[<mediatype>][;param=value]*;base64,<data>
 _DATA_URL = re.compile(r"^data:(?P<media>[^;,]*)(?P<params>(?:;[^;,]*)*?);base64,(?P<data>.*)$", re.DOTALL)
 
-# PNG compression level for condition images: they only travel to the AR worker, so speed wins.
+# PNG compression level for condition images: they only travel over the bus to the stages, so speed wins.
 _PNG_COMPRESS_LEVEL = 1
 
 

@@ -85,19 +85,18 @@ pick() {  # pick LIST INDEX: item INDEX mod len of a comma list
 
 start router "$BIN/glm-image-serve" router --stage-config "$STAGE_CONFIG" --host "$HOST" --port "$PORT" \
   --bus-bind "tcp://*:$BUS_PORT"
-k=0
-for ((i = 0; i < NUM_AR; i++)); do
-  args=(--stage-config "$STAGE_CONFIG" --router "$BUS" --model "$MODEL" --worker-id "ar-$i")
-  [ -n "$AR_DEVICES" ] && args+=(--device "$(pick "$AR_DEVICES" "$i")")
-  [ -n "$METRICS_PORT" ] && args+=(--metrics-port $((METRICS_PORT + k)))
-  start "ar-$i" "$BIN/glm-image-serve" ar-worker "${args[@]}"; k=$((k + 1))
-done
-for ((i = 0; i < NUM_DIT; i++)); do
-  args=(--stage-config "$STAGE_CONFIG" --router "$BUS" --model "$MODEL" --worker-id "dit-$i")
-  [ -n "$DIT_DEVICES" ] && args+=(--device "$(pick "$DIT_DEVICES" "$i")")
-  [ -n "$METRICS_PORT" ] && args+=(--metrics-port $((METRICS_PORT + k)))
-  start "dit-$i" "$BIN/glm-image-serve" dit-worker "${args[@]}"; k=$((k + 1))
-done
+metrics_next=$METRICS_PORT
+start_workers() {  # start_workers STAGE COUNT DEVICES: COUNT workers of STAGE (ar|dit)
+  local stage=$1 count=$2 devices=$3 i args
+  for ((i = 0; i < count; i++)); do
+    args=(--stage-config "$STAGE_CONFIG" --router "$BUS" --model "$MODEL" --worker-id "$stage-$i")
+    [ -n "$devices" ] && args+=(--device "$(pick "$devices" "$i")")
+    if [ -n "$metrics_next" ]; then args+=(--metrics-port "$metrics_next"); metrics_next=$((metrics_next + 1)); fi
+    start "$stage-$i" "$BIN/glm-image-serve" "$stage-worker" "${args[@]}"
+  done
+}
+start_workers ar "$NUM_AR" "$AR_DEVICES"
+start_workers dit "$NUM_DIT" "$DIT_DEVICES"
 
 URL="http://$HOST:$PORT"
 [ "$HOST" = "0.0.0.0" ] && URL="http://127.0.0.1:$PORT"

@@ -184,7 +184,8 @@ class RouterBus:
                 info = message.info
                 logger.info("worker %s registered: stage=%s capacity=%d host=%s", info.worker_id, info.stage.value, info.capacity, info.host)
                 self._spawn(self._send(identity, RouterPing(router_id=self.router_id)))
-            self._notify_slots()
+                # Only a new worker opens slots here; finished jobs notify in _finish.
+                self._notify_slots()
         elif isinstance(message, Goodbye):
             state = self.pool.workers.get(message.worker_id)
             if state is not None and state.identity == identity:

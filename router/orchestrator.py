@@ -51,15 +51,15 @@ class Orchestrator:
         self.model_name = model_name
         self.pending_images = 0
         self._recent_image_s = 10.0  # EMA of image latency, for Retry-After
+        # Read at scrape time, so the gauge is never stale.
+        for stage in Stage:
+            metrics.live_workers.labels(stage=stage.value).set_function(lambda s=stage: len(pool.live(s)))
 
     def models(self) -> list[str]:
         return [self.model_name]
 
     def live_workers(self) -> dict[str, int]:
-        counts = self.pool.counts()
-        for stage, n in counts.items():
-            self.metrics.live_workers.labels(stage=stage).set(n)
-        return counts
+        return self.pool.counts()
 
     async def generate(self, request: ImageRequest) -> list[GeneratedImage]:
         """Generate `request.n` images (seeds seed, seed+1, ...). Raises ServiceError subclasses;
@@ -81,10 +81,11 @@ class Orchestrator:
 
     def _admit(self, request: ImageRequest) -> None:
         """Queue up to the configured bound beyond the live AR capacity, then refuse with Retry-After."""
-        bound = self.pool.capacity(Stage.AR) + self.config.router.queue_limit_per_stage
-        if self.pool.capacity(Stage.AR) and self.pending_images + request.n > bound:
+        capacity = self.pool.capacity(Stage.AR)
+        bound = capacity + self.config.router.queue_limit_per_stage
+        if capacity and self.pending_images + request.n > bound:
             self.metrics.rejected.inc()
-            retry_after = max(1.0, self._recent_image_s * (self.pending_images / max(1, self.pool.capacity(Stage.AR))) / 2)
+            retry_after = max(1.0, self._recent_image_s * (self.pending_images / capacity) / 2)
             raise Overloaded(
                 f"server is at capacity ({self.pending_images} images queued or running, limit {bound}); retry later",
                 retry_after_s=round(retry_after),

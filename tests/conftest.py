@@ -23,7 +23,5 @@ def tiny_model() -> Path:
 @pytest.fixture(scope="module")
 def cluster(tiny_model, tmp_path_factory):
     """Router + 1 AR + 1 DiT worker on the tiny model, shared by a test module."""
-    c = Cluster(model=tiny_model, workdir=tmp_path_factory.mktemp("cluster"))
-    c.start()
-    yield c
-    c.stop()
+    with Cluster(model=tiny_model, workdir=tmp_path_factory.mktemp("cluster")) as c:
+        yield c

@@ -177,10 +177,8 @@ CASES = [
 def small_limits(tiny_model, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("bad_input")
     config = write_stage_config(workdir, {"limits": {"max_upload_bytes": MAX_UPLOAD}})
-    c = Cluster(model=tiny_model, workdir=workdir, stage_config=config)
-    c.start()
-    yield c
-    c.stop()
+    with Cluster(model=tiny_model, workdir=workdir, stage_config=config) as c:
+        yield c
 
 
 def test_table_is_big_enough():

@@ -104,10 +104,8 @@ class TestCodecLimits:
 def hardened(tiny_model, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("bus")
     config = write_stage_config(workdir, {"bus": {"max_message_bytes": MAX_MESSAGE_BYTES}})
-    c = Cluster(model=tiny_model, workdir=workdir, stage_config=config)
-    c.start()
-    yield c
-    c.stop()
+    with Cluster(model=tiny_model, workdir=workdir, stage_config=config) as c:
+        yield c
 
 
 class FakeWorker:

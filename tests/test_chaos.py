@@ -44,10 +44,8 @@ def run_all(url: str, seeds: list[int], timeout: float) -> list[httpx.Response]:
 def two_by_two(tiny_model, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("chaos")
     config = write_stage_config(workdir, {"router": {"request_deadline_s": 400, "max_retries": 2}})
-    c = Cluster(model=tiny_model, workdir=workdir, stage_config=config, num_ar=2, num_dit=2)
-    c.start()
-    yield c
-    c.stop()
+    with Cluster(model=tiny_model, workdir=workdir, stage_config=config, num_ar=2, num_dit=2) as c:
+        yield c
 
 
 def test_killing_one_worker_per_stage_loses_no_request(two_by_two):

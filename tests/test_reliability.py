@@ -25,10 +25,8 @@ from tests.cluster import Cluster, generate, write_stage_config
 def rc(tiny_model, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reliability")
     config = write_stage_config(workdir, {"router": {"queue_limit_per_stage": 0}})
-    c = Cluster(model=tiny_model, workdir=workdir, stage_config=config)
-    c.start()
-    yield c
-    c.stop()
+    with Cluster(model=tiny_model, workdir=workdir, stage_config=config) as c:
+        yield c
 
 
 def open_request(cluster: Cluster, body: dict) -> socket.socket:

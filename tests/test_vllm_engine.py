@@ -16,7 +16,6 @@ import pytest
 pytest.importorskip("vllm")
 
 import numpy as np
-import torch
 from PIL import Image
 
 from common.sizes import token_layout
@@ -53,67 +52,6 @@ def engine(tiny_model, loop):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model):
-    """Greedy transformers generation with the grid mask; returns the generated tokens."""
-    from transformers import (
-        AutoProcessor,
-        GlmImageForConditionalGeneration,
-        LogitsProcessor,
-        LogitsProcessorList,
-    )
-
-    processor = AutoProcessor.from_pretrained(tiny_model, subfolder="processor")
-    model = GlmImageForConditionalGeneration.from_pretrained(
-        tiny_model, subfolder="vision_language_encoder"
-    ).eval()
-    codebook = model.config.vq_config.num_embeddings
-    eos = model.config.image_end_token_id
-
-    class GridMask(LogitsProcessor):
-        def __init__(self, prompt_len: int, total: int) -> None:
-            self.prompt_len, self.total = prompt_len, total
-
-        def __call__(self, input_ids, scores):
-            step = input_ids.shape[1] - self.prompt_len
-            mask = torch.full_like(scores, float("-inf"))
-            if step < self.total - 1:
-                mask[:, :codebook] = 0
-            else:
-                mask[:, eos] = 0
-            return scores + mask
-
-    def run(prompt: str, height: int, width: int, images=()):
-        content = [{"type": "image", "image": img} for img in images] + [
-            {"type": "text", "text": prompt}
-        ]
-        inputs = processor.apply_chat_template(
-            [{"role": "user", "content": content}],
-            tokenize=True,
-            target_h=height,
-            target_w=width,
-            return_dict=True,
-            return_tensors="pt",
-        )
-        total = token_layout(
-            height, width, image_to_image=bool(images)
-        ).tokens_to_generate
-        prompt_len = inputs["input_ids"].shape[1]
-        with torch.no_grad():
-            out = model.generate(
-                **inputs,
-                do_sample=False,
-                max_new_tokens=total,
-                # The tiny checkpoint's generation_config suppresses EOS for the in-pipeline
-                # reference; here the mask alone decides.
-                suppress_tokens=[],
-                logits_processor=LogitsProcessorList([GridMask(prompt_len, total)]),
-            )
-        return out[0, prompt_len:].tolist()
-
-    return run
-
-
-@pytest.fixture(scope="module")
 def transformers_engine(tiny_model):
     from stage_ar.transformers_engine import TransformersAREngine
 
@@ -134,14 +72,15 @@ def _generate(loop, engine, request):
 
 
 @pytest.mark.parametrize(("width", "height"), [(512, 512), (1024, 512), (512, 1024)])
-def test_t2i_greedy_matches_transformers(loop, engine, reference, width, height):
+def test_t2i_greedy_matches_transformers(loop, engine, transformers_engine, width, height):
     req = ARGenerationRequest(
         f"t2i-{width}x{height}", PROMPT, height, width, temperature=0.0
     )
     out = _generate(loop, engine, req)
+    ref = loop.run_until_complete(transformers_engine.generate(req))
     layout = token_layout(height, width, image_to_image=False)
     assert len(out.generated_token_ids) == layout.tokens_to_generate
-    assert out.generated_token_ids.tolist() == reference(PROMPT, height, width)
+    assert out.generated_token_ids.tolist() == ref.generated_token_ids.tolist()
     assert out.prior_token_ids.shape == (height // 32, width // 32)
     assert (
         int(out.generated_token_ids.max()) == 129

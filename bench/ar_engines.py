@@ -15,8 +15,8 @@ import asyncio
 import time
 from pathlib import Path
 
-from common.sizes import token_layout
-from common.stage_config import EngineArgs
+from common.sizes import ImageSize, token_layout
+from common.stage_config import AREngineArgs
 from launch.tiny_model import build_tiny_model
 from stage_ar.engine import AREngine, ARGenerationRequest
 
@@ -26,7 +26,7 @@ PROMPT = "a lighthouse on a cliff at sunset"
 
 
 def make_engine(name: str, model: str, max_num_seqs: int, gpu_memory_utilization: float) -> AREngine:
-    args = EngineArgs(dtype="float32", max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_memory_utilization)
+    args = AREngineArgs(dtype="float32", max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_memory_utilization)
     if name == "vllm":
         from stage_ar.vllm_engine import VllmAREngine
 
@@ -42,9 +42,9 @@ async def bench(name: str, model: str, levels: list[int], gpu_memory_utilization
     rows = []
     try:
         # Warm-up keeps first-step compilation and allocation out of the numbers.
-        await engine.generate(ARGenerationRequest("warmup", PROMPT, SIZE, SIZE))
+        await engine.generate(ARGenerationRequest("warmup", PROMPT, ImageSize(SIZE, SIZE)))
         for c in levels:
-            requests = [ARGenerationRequest(f"c{c}-{i}", f"{PROMPT} {i}", SIZE, SIZE, seed=i) for i in range(c)]
+            requests = [ARGenerationRequest(f"c{c}-{i}", f"{PROMPT} {i}", ImageSize(SIZE, SIZE), seed=i) for i in range(c)]
             started = time.perf_counter()
             outputs = await asyncio.gather(*(engine.generate(r) for r in requests))
             elapsed = time.perf_counter() - started
@@ -65,7 +65,7 @@ def main() -> None:
     build_tiny_model(args.model)
     levels = [int(x) for x in args.levels.split(",")]
     results = {name: asyncio.run(bench(name, args.model, levels, args.gpu_memory_utilization)) for name in args.engines.split(",")}
-    print(f"\n{SIZE}x{SIZE} text-to-image, {token_layout(SIZE, SIZE, False).tokens_to_generate} tokens per request")
+    print(f"\n{SIZE}x{SIZE} text-to-image, {token_layout(ImageSize(SIZE, SIZE), False).tokens_to_generate} tokens per request")
     print("| engine | concurrency | tokens/s | requests/s |\n|---|---|---|---|")
     for name, rows in results.items():
         for c, tps, rps in rows:

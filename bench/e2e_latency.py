@@ -16,9 +16,9 @@ from pathlib import Path
 
 import httpx
 
-from common.sizes import token_layout
+from common.sizes import ImageSize, token_layout
 from launch.tiny_model import build_tiny_model
-from tests.cluster import Cluster, write_stage_config
+from launch.local_cluster import Cluster, write_stage_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,8 +47,7 @@ def main() -> None:
                     t = r.json()["timings"][0]
                     ars.append(t["ar_s"])
                     dits.append(t["dit_s"])
-                w, h = map(int, size.split("x"))
-                tokens = token_layout(h, w, image_to_image=False).tokens_to_generate
+                tokens = token_layout(ImageSize.parse(size), image_to_image=False).tokens_to_generate
                 ar = statistics.median(ars)
                 print(f"{size:>10} {statistics.median(totals):7.2f} {min(totals):7.2f} {ar:7.2f} {statistics.median(dits):7.2f} {tokens / ar:9.0f}")
 

@@ -11,14 +11,28 @@ field: a peer that sends garbage gets a `ProtocolError`, never a crash.
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Annotated, Any, Literal, Union
 
 import msgpack
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
-PROTOCOL_VERSION = 1
+from common.image_formats import OutputFormat
+from common.sizes import ImageSize
+
+# 2: sizes named height/width everywhere, worker config fingerprints, RegistrationRefused.
+PROTOCOL_VERSION = 2
 # Limits on what a decoder accepts from a peer.
 MAX_FRAMES = 64
 MAX_HEADER_BYTES = 1 << 20
@@ -49,21 +63,33 @@ class _Model(BaseModel):
 
 # ---------------------------------------------------------------------------
 # What a request is: the original prompt the router builds, and what each stage gets.
+# Sizes are pixels everywhere on the wire; each carrier has a `size` (an ImageSize).
 
 
 class MMProcessorKwargs(_Model):
-    """The size the AR processor must build its scaffold for (GLM-Image's processor kwargs)."""
+    """The size the AR processor must build its scaffold for (GLM-Image's processor kwargs), in pixels."""
 
     target_h: int
     target_w: int
+
+    @classmethod
+    def of(cls, size: ImageSize) -> "MMProcessorKwargs":
+        return cls(target_h=size.height, target_w=size.width)
+
+    @property
+    def size(self) -> ImageSize:
+        return ImageSize(width=self.target_w, height=self.target_h)
 
 
 class OriginalPrompt(_Model):
     """Everything the user asked for, as every stage sees it.
 
-    The size appears twice on purpose: top-level `height`/`width` (what a DiT
-    pipeline reads) and `mm_processor_kwargs.target_h/target_w` (what the AR
-    processor reads). Peers that set only one produced noise at non-default sizes.
+    The size is on the wire twice on purpose: top-level `height`/`width` (what a
+    DiT pipeline reads) and `mm_processor_kwargs.target_h/target_w` (what the AR
+    processor reads); peers that set only one produced noise at non-default
+    sizes. Build it with `height`/`width` only: `mm_processor_kwargs` is derived
+    from them, and a message whose two copies disagree fails validation when it
+    is decoded, so no stage ever sees a self-contradicting size.
     """
 
     prompt: str
@@ -76,7 +102,27 @@ class OriginalPrompt(_Model):
     negative_prompt: str | None = None
     # PNG bytes of the condition images, already normalised to valid sizes by the router.
     condition_images: list[bytes] = Field(default_factory=list)
-    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_format: OutputFormat = "png"
+    output_compression: int | None = None  # jpeg/webp encoder quality 0..100; None: the default
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_processor_kwargs(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "mm_processor_kwargs" not in data:
+            data = {**data, "mm_processor_kwargs": {"target_h": data.get("height"), "target_w": data.get("width")}}
+        return data
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "OriginalPrompt":
+        if self.mm_processor_kwargs.size != self.size:
+            raise ValueError(
+                f"original_prompt carries two sizes: height/width {self.size} "
+                f"but mm_processor_kwargs {self.mm_processor_kwargs.size}")
+        return self
+
+    @property
+    def size(self) -> ImageSize:
+        return ImageSize(width=self.width, height=self.height)
 
 
 class ARSampling(_Model):
@@ -100,15 +146,22 @@ class ARJob(_Model):
     sampling: ARSampling
 
 
-class ARResult(_Model):
+class _StageResult(_Model):
+    # The size the stage actually used, in pixels; the router checks it against the request.
+    height: int
+    width: int
+
+    @property
+    def size(self) -> ImageSize:
+        return ImageSize(width=self.width, height=self.height)
+
+
+class ARResult(_StageResult):
     stage: Literal["ar"] = "ar"
-    # Target grid at d32 resolution, shape (target_h, target_w); the DiT upsamples it.
+    # Target grid at d32 resolution, shape (rows, cols); the DiT upsamples it.
     prior_token_ids: NDArray
-    # One d32 grid per condition image (image-to-image), shape (h, w).
+    # One d32 grid per condition image (image-to-image), shape (rows, cols).
     prior_token_image_ids: list[NDArray] = Field(default_factory=list)
-    target_h: int  # the size the stage actually used, in pixels
-    target_w: int
-    num_generated_tokens: int
 
 
 class DiTJob(_Model):
@@ -116,14 +169,14 @@ class DiTJob(_Model):
     original_prompt: OriginalPrompt
     prior_token_ids: NDArray
     prior_token_image_ids: list[NDArray] = Field(default_factory=list)
+    # Denoising steps (0-based) after which to send a preview of the predicted clean image.
+    preview_steps: list[int] = Field(default_factory=list)
 
 
-class DiTResult(_Model):
+class DiTResult(_StageResult):
     stage: Literal["dit"] = "dit"
     image: bytes
-    output_format: str
-    height: int  # the size the stage actually used
-    width: int
+    output_format: OutputFormat
 
 
 JobPayload = Annotated[Union[ARJob, DiTJob], Field(discriminator="stage")]
@@ -141,6 +194,9 @@ class WorkerInfo(_Model):
     capacity: int = Field(ge=1)
     pid: int
     host: str
+    # StageConfig.fingerprint() of the worker's stage config: a router refuses a worker whose
+    # config differs from its own (another dtype or sampling default would change the images).
+    config_fingerprint: str
 
 
 class Heartbeat(_Model):
@@ -149,7 +205,6 @@ class Heartbeat(_Model):
 
     type: Literal["heartbeat"] = "heartbeat"
     info: WorkerInfo
-    in_flight: list[str] = Field(default_factory=list)
     draining: bool = False
 
 
@@ -164,17 +219,44 @@ class RouterPing(_Model):
     """Router -> worker, periodically, so workers notice a lost router and reconnect."""
 
     type: Literal["router_ping"] = "router_ping"
-    router_id: str
+
+
+class RegistrationRefused(_Model):
+    """Router -> worker: this router will not send you jobs; `reason` says why."""
+
+    type: Literal["refused"] = "refused"
+    reason: str
 
 
 class JobRequest(_Model):
     """Router -> worker: run one stage of one image."""
 
     type: Literal["job"] = "job"
-    job_id: str  # unique per attempt
-    request_id: str
+    job_id: str  # unique per attempt: "<request_id>.<image>.<stage>.<attempt>"
+    request_id: str  # the router's id of the HTTP request
+    client_request_id: str | None = None  # the client's X-Request-Id, for logs
     deadline_s: float  # seconds the worker has for this job
     payload: JobPayload
+    # Send JobProgress (tokens or steps done) while running: only when a client watches.
+    progress: bool = False
+
+    @property
+    def log_tag(self) -> str:
+        """How log lines name the request of this job: the router's id, then the client's."""
+        return self.request_id if self.client_request_id is None else f"{self.request_id} client={self.client_request_id}"
+
+
+class JobProgress(_Model):
+    """Worker -> router while a job runs: units done of total (AR tokens, DiT steps), throttled
+    by the worker; or a preview image (`preview`, the `preview_index`-th of the job)."""
+
+    type: Literal["progress"] = "progress"
+    job_id: str
+    worker_id: str
+    done: int
+    total: int
+    preview: bytes | None = None
+    preview_index: int | None = None
 
 
 class JobCancel(_Model):
@@ -207,7 +289,7 @@ class JobError(_Model):
 
 
 Message = Annotated[
-    Union[Heartbeat, Goodbye, RouterPing, JobRequest, JobCancel, JobResult, JobError],
+    Union[Heartbeat, Goodbye, RouterPing, RegistrationRefused, JobRequest, JobProgress, JobCancel, JobResult, JobError],
     Field(discriminator="type"),
 ]
 _MESSAGE_ADAPTER: TypeAdapter[Any] = TypeAdapter(Message)
@@ -303,7 +385,7 @@ def _frame_value(marker: dict, frames: list) -> Any:
         raise ProtocolError(f"dtype {dtype!r} is not allowed")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) > 4:
         raise ProtocolError(f"bad array shape {shape!r}")
-    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    expected = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: a huge shape cannot overflow
     if len(buf) != expected:
         raise ProtocolError(f"array frame has {len(buf)} bytes, shape {shape} of {dtype} needs {expected}")
     return np.frombuffer(buf, dtype=dtype).reshape(shape)

@@ -1,7 +1,10 @@
-"""Image size rules and GLM-Image token math, shared by the router and both stages.
+"""Image sizes and GLM-Image token math, shared by the router and both stages.
 
-One place decides what a valid size is, so the router can reject a bad size up
-front with the nearest valid one, and both stages agree on grid shapes.
+One type, `ImageSize(width, height)`, carries a size everywhere: at the HTTP
+edge ("WIDTHxHEIGHT"), on the bus, and in both stages. Its `grid` is the AR
+stage's token grid (`rows` x `cols`, one token per 32x32 pixels). One place
+decides what a valid size is, so the router can reject a bad size up front
+with the nearest valid one, and both stages agree on grid shapes.
 """
 
 from __future__ import annotations
@@ -13,6 +16,56 @@ from dataclasses import dataclass
 SIZE_MULTIPLE = 32
 
 
+class InvalidSize(ValueError):
+    """A requested size breaks the rules; the message states the rule and the nearest valid size."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A token grid: `rows` x `cols` tokens."""
+
+    rows: int
+    cols: int
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.cols
+
+
+@dataclass(frozen=True)
+class ImageSize:
+    """An image size in pixels. Written "WIDTHxHEIGHT", like OpenAI's `size`."""
+
+    width: int
+    height: int
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    @classmethod
+    def parse(cls, text: str) -> "ImageSize":
+        """Parse "WxH"; raise InvalidSize with the expected form otherwise."""
+        parts = text.lower().strip().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise InvalidSize(f"size {text!r} is not of the form WIDTHxHEIGHT, e.g. 1024x1024")
+        return cls(width=int(parts[0]), height=int(parts[1]))
+
+    @classmethod
+    def of_grid(cls, grid: Grid) -> "ImageSize":
+        """The pixel size whose AR token grid is `grid`."""
+        return cls(width=grid.cols * SIZE_MULTIPLE, height=grid.rows * SIZE_MULTIPLE)
+
+    @property
+    def grid(self) -> Grid:
+        """The AR target grid: one token per 32x32 pixels (the processor floors)."""
+        return Grid(rows=self.height // SIZE_MULTIPLE, cols=self.width // SIZE_MULTIPLE)
+
+    @property
+    def on_grid(self) -> bool:
+        """Both sides are positive multiples of 32."""
+        return min(self.width, self.height) > 0 and not (self.width % SIZE_MULTIPLE or self.height % SIZE_MULTIPLE)
+
+
 @dataclass(frozen=True)
 class SizeLimits:
     min_side: int = 256
@@ -20,45 +73,31 @@ class SizeLimits:
     max_aspect_ratio: float = 4.0
 
 
-class InvalidSize(ValueError):
-    """A requested size breaks the rules; the message states the rule and the nearest valid size."""
-
-
 @dataclass(frozen=True)
 class TokenLayout:
     """How many tokens the AR stage writes for one image, and where the target grid sits."""
 
-    target_h: int  # target grid rows (H // 32)
-    target_w: int
-    preview_h: int  # 0 for image-to-image (no preview grid)
-    preview_w: int
-
-    @property
-    def target_tokens(self) -> int:
-        return self.target_h * self.target_w
-
-    @property
-    def preview_tokens(self) -> int:
-        return self.preview_h * self.preview_w
+    target: Grid
+    preview: Grid  # 0x0 for image-to-image (no preview grid)
 
     @property
     def tokens_to_generate(self) -> int:
         """Preview grid (t2i only), then the target grid, then EOS."""
-        return self.preview_tokens + self.target_tokens + 1
+        return self.preview.tokens + self.target.tokens + 1
 
     @property
     def target_offset(self) -> int:
         """Index of the first target-grid token among the generated tokens."""
-        return self.preview_tokens
+        return self.preview.tokens
 
 
-def token_layout(height: int, width: int, image_to_image: bool) -> TokenLayout:
-    th, tw = height // SIZE_MULTIPLE, width // SIZE_MULTIPLE
+def token_layout(size: ImageSize, image_to_image: bool) -> TokenLayout:
+    target = size.grid
     if image_to_image:
-        return TokenLayout(th, tw, 0, 0)
-    ratio = th / tw
+        return TokenLayout(target, Grid(0, 0))
+    ratio = target.rows / target.cols
     half = SIZE_MULTIPLE // 2
-    return TokenLayout(th, tw, int(math.sqrt(ratio) * half), int(math.sqrt(1 / ratio) * half))
+    return TokenLayout(target, Grid(rows=int(math.sqrt(ratio) * half), cols=int(math.sqrt(1 / ratio) * half)))
 
 
 def _round_to_multiple(value: float) -> int:
@@ -66,9 +105,13 @@ def _round_to_multiple(value: float) -> int:
     return max(SIZE_MULTIPLE, math.floor(value / SIZE_MULTIPLE + 0.5) * SIZE_MULTIPLE)
 
 
-def nearest_valid_size(width: int, height: int, limits: SizeLimits) -> tuple[int, int]:
-    """The valid (width, height) closest to the request, keeping its aspect ratio where possible."""
-    w, h = float(max(width, 1)), float(max(height, 1))
+def _round_up(value: int) -> int:
+    return -(-value // SIZE_MULTIPLE) * SIZE_MULTIPLE
+
+
+def nearest_valid_size(size: ImageSize, limits: SizeLimits) -> ImageSize:
+    """The valid size closest to `size`, keeping its aspect ratio where possible."""
+    w, h = float(max(size.width, 1)), float(max(size.height, 1))
     ratio = w / h
     max_ratio = limits.max_aspect_ratio
     if ratio > max_ratio:
@@ -91,15 +134,12 @@ def nearest_valid_size(width: int, height: int, limits: SizeLimits) -> tuple[int
             nw -= SIZE_MULTIPLE
         else:
             nh -= SIZE_MULTIPLE
-    return nw, nh
+    return ImageSize(width=nw, height=nh)
 
 
-def _round_up(value: int) -> int:
-    return -(-value // SIZE_MULTIPLE) * SIZE_MULTIPLE
-
-
-def size_problem(width: int, height: int, limits: SizeLimits) -> str | None:
-    """Why (width, height) is not valid, or None if it is."""
+def size_problem(size: ImageSize, limits: SizeLimits) -> str | None:
+    """Why `size` is not valid, or None if it is."""
+    width, height = size.width, size.height
     problems = []
     if width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
         problems.append(f"both sides must be multiples of {SIZE_MULTIPLE}")
@@ -110,17 +150,9 @@ def size_problem(width: int, height: int, limits: SizeLimits) -> str | None:
     return "; ".join(problems) if problems else None
 
 
-def check_size(width: int, height: int, limits: SizeLimits) -> None:
-    """Raise InvalidSize, naming the rule and the nearest valid size, unless (width, height) is valid."""
-    problem = size_problem(width, height, limits)
+def check_size(size: ImageSize, limits: SizeLimits) -> None:
+    """Raise InvalidSize, naming the rule and the nearest valid size, unless `size` is valid."""
+    problem = size_problem(size, limits)
     if problem:
-        nw, nh = nearest_valid_size(width, height, limits)
-        raise InvalidSize(f"size {width}x{height} is not supported: {problem}; the nearest valid size is {nw}x{nh}")
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """Parse "WxH" into (width, height); raise InvalidSize with the expected form otherwise."""
-    parts = text.lower().strip().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise InvalidSize(f"size {text!r} is not of the form WIDTHxHEIGHT, e.g. 1024x1024")
-    return int(parts[0]), int(parts[1])
+        nearest = nearest_valid_size(size, limits)
+        raise InvalidSize(f"size {size} is not supported: {problem}; the nearest valid size is {nearest}")

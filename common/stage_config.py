@@ -7,13 +7,18 @@ from there recognise it. Unknown keys are errors that name the key.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from common.sizes import SizeLimits
+from common.sizes import ImageSize, SizeLimits
+
+if TYPE_CHECKING:
+    import torch
 
 
 class _Strict(BaseModel):
@@ -40,18 +45,36 @@ class Limits(_Strict):
         return self
 
     @property
+    def default_image_size(self) -> ImageSize:
+        return ImageSize.parse(self.default_size)
+
+    @property
     def size_limits(self) -> SizeLimits:
         return SizeLimits(self.min_side, self.max_side, self.max_aspect_ratio)
 
 
-class EngineArgs(_Strict):
+class _ModelDtype(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+    @property
+    def torch_dtype(self) -> "torch.dtype":
+        import torch  # only the stage workers need torch; the router never asks
+
+        return getattr(torch, self.dtype)
+
+
+class AREngineArgs(_ModelDtype):
     # Jobs one worker runs at once; the router never sends it more.
     max_num_seqs: int = Field(1, ge=1)
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     max_model_len: int | None = Field(None, ge=1)
     enforce_eager: bool = False
+
+
+class DiTEngineArgs(_ModelDtype):
+    """The DiT worker runs one job at a time (the diffusers pipeline keeps per-call state);
+    a deployment scales it with more workers, so there is no batch size to set."""
 
 
 class ARSamplingDefaults(_Strict):
@@ -61,10 +84,19 @@ class ARSamplingDefaults(_Strict):
     seed: int = 42
 
 
+class QualitySteps(_Strict):
+    """Denoising steps behind OpenAI's `quality` presets (`auto` is `num_inference_steps`)."""
+
+    low: int = Field(20, ge=1)
+    medium: int = Field(35, ge=1)
+    high: int = Field(50, ge=1)
+
+
 class DiTSamplingDefaults(_Strict):
     num_inference_steps: int = Field(50, ge=1)
     guidance_scale: float = Field(1.5, ge=0)
     seed: int = 42
+    quality_steps: QualitySteps = QualitySteps()
 
 
 class StageTimeouts(_Strict):
@@ -76,7 +108,7 @@ class ARStageConfig(_Strict):
     stage_type: Literal["ar"] = "ar"
     devices: str = "0"
     engine: Literal["transformers", "vllm"] = "transformers"
-    engine_args: EngineArgs = EngineArgs()
+    engine_args: AREngineArgs = AREngineArgs()
     default_sampling_params: ARSamplingDefaults = ARSamplingDefaults()
     timeouts: StageTimeouts = StageTimeouts()
 
@@ -85,7 +117,7 @@ class DiTStageConfig(_Strict):
     stage_id: Literal[1] = 1
     stage_type: Literal["dit"] = "dit"
     devices: str = "1"
-    engine_args: EngineArgs = EngineArgs()
+    engine_args: DiTEngineArgs = DiTEngineArgs()
     default_sampling_params: DiTSamplingDefaults = DiTSamplingDefaults()
     timeouts: StageTimeouts = StageTimeouts()
 
@@ -122,6 +154,19 @@ class StageConfig(_Strict):
     @property
     def dit(self) -> DiTStageConfig:
         return self.stage_args[1]
+
+    def stage(self, stage: str) -> ARStageConfig | DiTStageConfig:
+        """The section of `stage` ("ar" or "dit", or a protocol Stage)."""
+        return self.ar if stage == "ar" else self.dit
+
+    def fingerprint(self) -> str:
+        """A hash of what the router and every worker must agree on: the bus timing and the
+        stages (engine, dtype, sampling defaults, deadlines), but not where a worker runs
+        (`devices`) nor where its weights lie (`model`), which differ from node to node."""
+        shared = self.model_dump(mode="json", include={"bus", "stage_args"})
+        for stage in shared["stage_args"]:
+            stage.pop("devices")
+        return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class StageConfigError(ValueError):

@@ -46,6 +46,7 @@ async def serve_stage_worker(
         capacity=capacity,
         pid=os.getpid(),
         host=socket.gethostname(),
+        config_fingerprint=options.config.fingerprint(),
     )
     worker = StageWorker(info, options.routers, handler, options.config.bus, metrics)
     try:

@@ -25,9 +25,11 @@ from common.protocol import (
     Heartbeat,
     JobCancel,
     JobError,
+    JobProgress,
     JobRequest,
     JobResult,
     ProtocolError,
+    RegistrationRefused,
     ResultPayload,
     RouterPing,
     WorkerInfo,
@@ -47,12 +49,55 @@ class JobRejected(Exception):
     """Raised by a handler for input it cannot serve; becomes a BAD_REQUEST error (not retried)."""
 
 
+class WorkerRefused(Exception):
+    """Every router refused this worker's registration (e.g. another stage config); says why."""
+
+
+class JobProgressReporter:
+    """How a running job tells its router how far it is; callable from any thread.
+
+    Counts (`steps`) are sent only if the router asked for progress, at most every
+    `min_interval_s` plus the last one; previews are sent whenever the job makes them.
+    Sends never block: under back-pressure a progress message is dropped, not queued.
+    """
+
+    def __init__(self, job: JobRequest, worker_id: str, link: "_RouterLink", min_interval_s: float = 0.1):
+        self.job, self.worker_id, self.link = job, worker_id, link
+        self.min_interval_s = min_interval_s
+        self._loop = asyncio.get_running_loop()
+        self._last_sent = 0.0
+        self._last_done: int | None = None
+
+    @property
+    def wants_steps(self) -> bool:
+        return self.job.progress
+
+    def steps(self, done: int, total: int) -> None:
+        """`done` of `total` units (tokens, denoising steps) are finished."""
+        if not self.job.progress or done == self._last_done:
+            return
+        now = time.monotonic()
+        if done < total and now - self._last_sent < self.min_interval_s:
+            return
+        self._last_sent, self._last_done = now, done
+        self._send(JobProgress(job_id=self.job.job_id, worker_id=self.worker_id, done=done, total=total))
+
+    def preview(self, index: int, image: bytes, done: int, total: int) -> None:
+        """The `index`-th preview image of this job, made after `done` of `total` steps."""
+        self._send(JobProgress(job_id=self.job.job_id, worker_id=self.worker_id, done=done, total=total,
+                               preview=image, preview_index=index))
+
+    def _send(self, message: JobProgress) -> None:
+        self._loop.call_soon_threadsafe(self.link.send_nowait, message)
+
+
 class StageHandler(Protocol):
     """What a stage plugs into the runtime."""
 
-    async def run(self, job: JobRequest) -> tuple[ResultPayload, dict[str, float]]:
-        """Run one job; return its payload and timings. Cancelling the awaiting task must stop
-        the work promptly (and only return once the compute has actually stopped)."""
+    async def run(self, job: JobRequest, progress: JobProgressReporter) -> tuple[ResultPayload, dict[str, float]]:
+        """Run one job; return its payload and timings, reporting progress on the way. Cancelling
+        the awaiting task must stop the work promptly (and only return once the compute has
+        actually stopped)."""
 
 
 @dataclass
@@ -65,16 +110,17 @@ class _RunningJob:
 class _RouterLink:
     """One DEALER connection to one router."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, address: str, identity: bytes, bus: BusConfig):
-        self.ctx, self.address, self.identity, self.bus = ctx, address, identity, bus
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, identity: bytes, bus_config: BusConfig):
+        self.ctx, self.address, self.identity, self.bus_config = ctx, address, identity, bus_config
         self.last_router_ping = time.monotonic()
+        self.refused_because: str | None = None
         self.socket = self._connect()
 
     def _connect(self) -> zmq.asyncio.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, self.identity)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.bus.max_message_bytes)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.bus_config.max_message_bytes)
         # Don't pile up heartbeats for a router that is gone; they are resent anyway.
         sock.setsockopt(zmq.SNDHWM, 1000)
         sock.connect(self.address)
@@ -91,6 +137,15 @@ class _RouterLink:
         except zmq.ZMQError as exc:
             logger.warning("send to router %s failed: %s", self.address, exc)
 
+    def send_nowait(self, message) -> None:
+        """Send now or drop (for progress, which the next message supersedes)."""
+        try:
+            self.socket.send_multipart(encode(message), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            logger.debug("router %s is not reading: dropped a %s", self.address, type(message).__name__)
+        except zmq.ZMQError as exc:
+            logger.warning("send to router %s failed: %s", self.address, exc)
+
 
 class StageWorker:
     """Runs a stage handler behind the bus until stopped or drained."""
@@ -100,25 +155,28 @@ class StageWorker:
         info: WorkerInfo,
         router_addresses: list[str],
         handler: StageHandler,
-        bus: BusConfig,
+        bus_config: BusConfig,
         metrics: WorkerMetrics,
     ):
         self.info = info
         self.metrics = metrics
         self.handler = handler
-        self.bus = bus
+        self.bus_config = bus_config
         self.router_addresses = router_addresses
         self.ctx = zmq.asyncio.Context()
         self.links: list[_RouterLink] = []
         self.jobs: dict[str, _RunningJob] = {}
         self.draining = False
         self._stopped = asyncio.Event()
+        self._refusal: WorkerRefused | None = None
         self._tasks: list[asyncio.Task] = []
 
     async def serve(self) -> None:
-        """Connect, heartbeat and serve jobs until `stop()` or a finished `drain()`."""
+        """Connect, heartbeat and serve jobs until `stop()` or a finished `drain()`.
+
+        Raises WorkerRefused when every router refused the registration."""
         identity = self.info.worker_id.encode()
-        self.links = [_RouterLink(self.ctx, addr, identity, self.bus) for addr in self.router_addresses]
+        self.links = [_RouterLink(self.ctx, addr, identity, self.bus_config) for addr in self.router_addresses]
         for link in self.links:
             self._tasks.append(asyncio.create_task(self._receive_loop(link), name=f"recv:{link.address}"))
             self._tasks.append(asyncio.create_task(self._heartbeat_loop(link), name=f"hb:{link.address}"))
@@ -134,6 +192,8 @@ class StageWorker:
                 # After a drain the last results and the Goodbye may still sit in the queue: let them out.
                 link.socket.close(linger=_DRAIN_LINGER_MS if self.draining else 0)
             self.ctx.term()
+        if self._refusal is not None:
+            raise self._refusal
 
     def stop(self) -> None:
         self._stopped.set()
@@ -155,17 +215,17 @@ class StageWorker:
         self.stop()
 
     def _heartbeat(self) -> Heartbeat:
-        return Heartbeat(info=self.info, in_flight=sorted(self.jobs), draining=self.draining)
+        return Heartbeat(info=self.info, draining=self.draining)
 
     async def _heartbeat_loop(self, link: _RouterLink) -> None:
         while True:
             await link.send(self._heartbeat())
-            if time.monotonic() - link.last_router_ping > self.bus.peer_timeout_s:
-                logger.warning("router %s silent for %.1fs: reconnecting", link.address, self.bus.peer_timeout_s)
+            if time.monotonic() - link.last_router_ping > self.bus_config.peer_timeout_s:
+                logger.warning("router %s silent for %.1fs: reconnecting", link.address, self.bus_config.peer_timeout_s)
                 # Jobs from the lost router can't be answered; their router re-dispatches them.
                 await self._cancel_jobs_of(link)
                 link.reconnect()
-            await asyncio.sleep(self.bus.heartbeat_interval_s)
+            await asyncio.sleep(self.bus_config.heartbeat_interval_s)
 
     async def _receive_loop(self, link: _RouterLink) -> None:
         while True:
@@ -186,15 +246,26 @@ class StageWorker:
             link.last_router_ping = time.monotonic()
             if isinstance(message, RouterPing):
                 continue
+            if isinstance(message, RegistrationRefused):
+                self._on_refused(link, message.reason)
+                continue
             if isinstance(message, JobRequest):
                 await self._accept(message, link)
             elif isinstance(message, JobCancel):
                 running = self.jobs.get(message.job_id)
                 if running is not None:
-                    logger.info("[%s] cancel requested", running.job.request_id)
+                    logger.info("[%s] job %s cancel requested", running.job.log_tag, message.job_id)
                     running.task.cancel()
             else:
                 logger.warning("dropping unexpected %s from router %s", type(message).__name__, link.address)
+
+    def _on_refused(self, link: _RouterLink, reason: str) -> None:
+        if link.refused_because is None:
+            logger.error("router %s refused this worker: %s", link.address, reason)
+        link.refused_because = reason
+        if all(other.refused_because for other in self.links):
+            self._refusal = WorkerRefused(reason)
+            self.stop()
 
     async def _accept(self, job: JobRequest, link: _RouterLink) -> None:
         if job.job_id in self.jobs:
@@ -203,19 +274,19 @@ class StageWorker:
             reason = "draining" if self.draining else f"at capacity ({self.info.capacity})"
             await link.send(JobError(job_id=job.job_id, worker_id=self.info.worker_id, code=ErrorCode.OVERLOADED, message=f"worker {reason}"))
             return
-        logger.info("[%s] job %s started", job.request_id, job.job_id)
+        logger.info("[%s] job %s started", job.log_tag, job.job_id)
         task = asyncio.create_task(self._run(job, link), name=f"job:{job.job_id}")
         self.jobs[job.job_id] = _RunningJob(job, task, link)
         task.add_done_callback(lambda _t, jid=job.job_id: self.jobs.pop(jid, None))
 
     async def _run(self, job: JobRequest, link: _RouterLink) -> None:
-        rid, wid = job.request_id, self.info.worker_id
+        wid = self.info.worker_id
         started = time.monotonic()
         self.metrics.in_flight.inc()
         try:
-            reply = await self._run_to_reply(job)
+            reply = await self._run_to_reply(job, link)
         except asyncio.CancelledError:
-            logger.info("[%s] job %s cancelled after %.2fs", rid, job.job_id, time.monotonic() - started)
+            logger.info("[%s] job %s cancelled after %.2fs", job.log_tag, job.job_id, time.monotonic() - started)
             self.metrics.job_finished("cancelled")
             await link.send(JobError(job_id=job.job_id, worker_id=wid, code=ErrorCode.CANCELLED, message="cancelled"))
             raise
@@ -225,13 +296,14 @@ class StageWorker:
         self.metrics.job_finished("ok" if isinstance(reply, JobResult) else reply.code.value)
         await link.send(reply)
 
-    async def _run_to_reply(self, job: JobRequest) -> JobResult | JobError:
-        rid, wid = job.request_id, self.info.worker_id
+    async def _run_to_reply(self, job: JobRequest, link: _RouterLink) -> JobResult | JobError:
+        wid = self.info.worker_id
         started = time.monotonic()
         try:
-            payload, timings = await asyncio.wait_for(self.handler.run(job), timeout=job.deadline_s)
+            progress = JobProgressReporter(job, wid, link)
+            payload, timings = await asyncio.wait_for(self.handler.run(job, progress), timeout=job.deadline_s)
         except asyncio.TimeoutError:
-            logger.warning("[%s] job %s exceeded its %.1fs deadline", rid, job.job_id, job.deadline_s)
+            logger.warning("[%s] job %s exceeded its %.1fs deadline", job.log_tag, job.job_id, job.deadline_s)
             return JobError(
                 job_id=job.job_id,
                 worker_id=wid,
@@ -239,13 +311,13 @@ class StageWorker:
                 message=f"{self.info.stage.value} stage exceeded its {job.deadline_s:.0f}s deadline",
             )
         except JobRejected as exc:
-            logger.info("[%s] job %s rejected: %s", rid, job.job_id, exc)
+            logger.info("[%s] job %s rejected: %s", job.log_tag, job.job_id, exc)
             return JobError(job_id=job.job_id, worker_id=wid, code=ErrorCode.BAD_REQUEST, message=str(exc))
         except Exception as exc:
-            logger.exception("[%s] job %s failed", rid, job.job_id)
+            logger.exception("[%s] job %s failed", job.log_tag, job.job_id)
             return JobError(job_id=job.job_id, worker_id=wid, code=ErrorCode.INTERNAL, message=f"{type(exc).__name__}: {exc}")
         timings = {**timings, "worker_s": time.monotonic() - started}
-        logger.info("[%s] job %s done in %.2fs", rid, job.job_id, timings["worker_s"])
+        logger.info("[%s] job %s done in %.2fs", job.log_tag, job.job_id, timings["worker_s"])
         return JobResult(job_id=job.job_id, worker_id=wid, payload=payload, timings=timings)
 
     async def _cancel_jobs_of(self, link: _RouterLink) -> None:

@@ -1,5 +1,6 @@
 """`glm-image-serve`: one command line for every process of the system.
 
+    glm-image-serve launch      --model /path/to/GLM-Image --num-ar 2 --num-dit 2   # everything, supervised
     glm-image-serve router      --stage-config stage_configs/glm_image.yaml --port 8000
     glm-image-serve ar-worker   --router tcp://ROUTER_HOST:5570 --model /path/to/GLM-Image
     glm-image-serve dit-worker  --router tcp://ROUTER_HOST:5570 --model /path/to/GLM-Image
@@ -13,6 +14,7 @@ import argparse
 import base64
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -46,9 +48,40 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-grace", type=float, default=30.0, help="seconds SIGTERM waits for in-flight jobs (default: %(default)s)")
 
 
+def _add_launch(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--model", required=True, help="GLM-Image folder in the diffusers layout, given to every worker")
+    p.add_argument("--model-name", default="zai-org/GLM-Image", help="model name reported by /v1/models (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP listen address (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    p.add_argument("--bus-port", type=int, default=5570, help="ZeroMQ bus port the workers connect to (default: %(default)s)")
+    p.add_argument("--bus-host", help="address the bus binds (default: the HTTP --host; 0.0.0.0 binds every interface)")
+    p.add_argument("--num-ar", type=int, default=1, help="AR workers (default: %(default)s)")
+    p.add_argument("--num-dit", type=int, default=1, help="DiT workers (default: %(default)s)")
+    p.add_argument("--ar-devices", default="", help="comma list of devices, AR worker i takes item i mod len (default: the stage config's)")
+    p.add_argument("--dit-devices", default="", help="the same for DiT workers")
+    p.add_argument("--metrics-port", type=int, help="first worker Prometheus port: worker k (AR first, then DiT) gets N+k")
+    p.add_argument("--supervisor-metrics-port", type=int,
+                   help="serve the supervisor's own Prometheus metrics (restarts, running processes) on --host:N")
+    p.add_argument("--log-dir", help="one log file per process here (default: a new temporary folder); every line is also relayed to stderr")
+    p.add_argument("--max-restarts", type=int, default=5,
+                   help="restarts allowed per process within --restart-window; one more exit is a crash loop and the process is left down (default: %(default)s)")
+    p.add_argument("--restart-window", type=float, default=60.0, help="seconds over which exits are counted (default: %(default)s)")
+    p.add_argument("--backoff-initial", type=float, default=1.0, help="seconds before the first restart; doubles per recent exit (default: %(default)s)")
+    p.add_argument("--backoff-max", type=float, default=30.0, help="longest wait before a restart (default: %(default)s)")
+    p.add_argument("--ready-timeout", type=float, default=600.0,
+                   help="seconds for every worker to load and register before the launch fails (default: %(default)s)")
+    p.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="on Ctrl-C/SIGTERM: seconds the router gets to finish in-flight requests, then the workers to drain (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm-image-serve", description="Disaggregated GLM-Image serving.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    launch = sub.add_parser("launch", help="run a router and N AR + M DiT workers on this machine, supervised: "
+                                           "restarted when they die, stopped gracefully on Ctrl-C/SIGTERM")
+    _add_launch(launch)
 
     r = sub.add_parser("router", help="HTTP router (OpenAI-compatible API) that binds the worker bus")
     _add_common(r)
@@ -107,10 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "generate":
         _generate(args)
         return
+    if args.command == "launch":
+        sys.exit(_launch(args))
 
     from common.logs import configure_logging
     from common.stage_config import StageConfigError, load_stage_config
 
+    die_with_supervisor()
     configure_logging(args.command)
     try:
         config = load_stage_config(args.stage_config)
@@ -137,14 +173,133 @@ def main(argv: list[str] | None = None) -> None:
         metrics_port=args.metrics_port,
         drain_grace_s=args.drain_grace,
     )
+    from common.worker_runtime import WorkerRefused
+
     if args.command == "ar-worker":
-        from stage_ar.worker import serve_ar_worker
-
-        uvloop.run(serve_ar_worker(options))
+        from stage_ar.worker import serve_ar_worker as serve
     else:
-        from stage_dit.worker import serve_dit_worker
+        from stage_dit.worker import serve_dit_worker as serve
+    try:
+        uvloop.run(serve(options))
+    except WorkerRefused as exc:
+        sys.exit(f"error: the router refused this worker: {exc}")
 
-        uvloop.run(serve_dit_worker(options))
+
+def die_with_supervisor() -> None:
+    """Under `glm-image-serve launch`, have the kernel SIGTERM this process when the supervisor dies
+    (Linux), so a launcher killed with SIGKILL does not leave workers holding GPUs and ports."""
+    from launch.supervisor import SUPERVISOR_PID_ENV
+
+    supervisor_pid = os.environ.get(SUPERVISOR_PID_ENV)
+    if not supervisor_pid or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != int(supervisor_pid):  # it died before the prctl took effect
+        sys.exit("error: the launcher that started this process has exited")
+
+
+def _launch(args) -> int:
+    """`glm-image-serve launch`: plan the processes, supervise them, return the exit status."""
+    import asyncio
+    import tempfile
+
+    from common.logs import configure_logging
+    from common.stage_config import StageConfigError, load_stage_config
+    from launch.supervisor import LaunchOptions, RestartPolicy, RouterReadiness, Supervisor, SupervisorOptions, plan_deployment
+
+    configure_logging("supervisor")
+    try:
+        config = load_stage_config(args.stage_config)
+        policy = RestartPolicy(args.max_restarts, args.restart_window, args.backoff_initial, args.backoff_max)
+        options = LaunchOptions(
+            model=args.model,
+            stage_config=args.stage_config,
+            model_name=args.model_name,
+            host=args.host,
+            port=args.port,
+            bus_port=args.bus_port,
+            bus_host=args.bus_host,
+            num_ar=args.num_ar,
+            num_dit=args.num_dit,
+            ar_devices=_split(args.ar_devices),
+            dit_devices=_split(args.dit_devices),
+            worker_metrics_port=args.metrics_port,
+            shutdown_grace_s=args.shutdown_grace,
+        )
+        deployment = plan_deployment(options)
+    except (StageConfigError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+    log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="glm-image-serve-logs-"))
+    supervisor_options = SupervisorOptions(
+        policy=policy,
+        log_dir=log_dir,
+        ready_timeout_s=args.ready_timeout,
+        router_stop_grace_s=args.shutdown_grace + 5,
+        worker_stop_grace_s=args.shutdown_grace + 5,
+        metrics_host=args.host,
+        metrics_port=args.supervisor_metrics_port,
+    )
+    banner = _ready_banner(args, options, deployment, config, log_dir)
+
+    async def supervise() -> int:
+        readiness = RouterReadiness(deployment.url, deployment.expected_workers)
+        supervisor = Supervisor(
+            deployment.processes, readiness, supervisor_options,
+            describe_not_ready=readiness.describe, on_ready=lambda: print(banner, flush=True))
+        print(f"starting a router, {options.num_ar} AR and {options.num_dit} DiT worker(s); waiting until {deployment.url}/ready "
+              f"shows them all; logs in {log_dir}", file=sys.stderr, flush=True)
+        try:
+            return await supervisor.run()
+        finally:
+            await readiness.aclose()
+
+    return asyncio.run(supervise())
+
+
+def _split(devices: str) -> tuple[str, ...]:
+    return tuple(d.strip() for d in devices.split(",") if d.strip())
+
+
+def _ready_banner(args, options, deployment, config, log_dir: Path) -> str:
+    """What the launcher prints once everything is ready: how to use, watch, extend and stop it."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = deployment.url
+    bus_host = urlsplit(deployment.bus_bind).hostname
+    if bus_host == "*":
+        join_address, reach = f"tcp://{socket.gethostname()}:{options.bus_port}", ""
+    else:
+        join_address = deployment.bus_connect
+        local_only = bus_host in ("127.0.0.1", "localhost", "::1")
+        reach = "\n  (the bus listens on this machine only: relaunch with --host 0.0.0.0 or --bus-host ADDR to accept others)" if local_only else ""
+    joins = []
+    for stage, devices, count in (("ar", options.ar_devices, options.num_ar), ("dit", options.dit_devices, options.num_dit)):
+        stage_config = config.ar if stage == "ar" else config.dit
+        device = _resolve_device(devices[0] if devices else None, stage_config.devices, getattr(stage_config, "engine", "transformers"))
+        joins.append(f"  glm-image-serve {stage}-worker --router {join_address} --stage-config {Path(options.stage_config).resolve()} \\\n"
+                     f"      --model {Path(options.model).resolve()} --device {device} --worker-id {stage}-{count}")
+    metrics = f"{url}/metrics"
+    if options.worker_metrics_port is not None:
+        last = options.worker_metrics_port + options.num_ar + options.num_dit - 1
+        metrics += f", workers on ports {options.worker_metrics_port}-{last}"
+    if args.supervisor_metrics_port is not None:
+        metrics += f", supervisor on http://{urlsplit(url).netloc.rsplit(':', 1)[0]}:{args.supervisor_metrics_port}/metrics"
+    curl_body = '{"prompt": "a lighthouse at dawn, \\"HELLO\\" painted on it", "size": "512x512", "seed": 1}'
+    return "\n".join([
+        f"GLM-Image is serving at {url}  (model: {options.model_name}, from {options.model})",
+        "Try:",
+        f"  curl -s {url}/v1/images/generations -H 'Content-Type: application/json' \\",
+        f"    -d '{curl_body}' \\",
+        "    | jq -r '.data[0].b64_json' | base64 -d > out.png",
+        f"Metrics: {metrics}",
+        f"Logs: {log_dir} (one file per process; every line is also shown here, prefixed with its process name)",
+        "A worker on another machine joins with (the same stage config, or the router refuses it):",
+        *joins,
+    ]) + reach + "\nStop: Ctrl-C (requests in flight finish, workers drain); a process that dies is restarted"
 
 
 def _generate(args) -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Start GLM-Image disaggregated: one router + N AR workers + M DiT workers, each its own process.
+# Start GLM-Image disaggregated: one router + N AR + M DiT workers, each its own process, supervised
+# by `glm-image-serve launch` (launch/supervisor.py): a process that dies is restarted, a crash
+# loop is reported and left down, Ctrl-C/SIGTERM stops everything gracefully.
 # With no --model it serves the embedded tiny random-weight model on CPU (built on first use).
-# Ctrl-C (or any child dying) stops every process it started.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -9,43 +10,71 @@ usage() {
   cat <<USAGE
 Usage: $0 [options]   (every option also reads from the environment variable shown)
   --model DIR            GLM-Image folder, diffusers layout [GLM_MODEL]; default: tiny model on CPU
+  --model-name NAME      name reported by /v1/models [GLM_MODEL_NAME] (default: zai-org/GLM-Image,
+                         glm-image-tiny-random for the tiny model)
   --stage-config FILE    stage config YAML [GLM_STAGE_CONFIG]; default: stage_configs/glm_image.yaml
                          with --model, stage_configs/glm_image_tiny_cpu.yaml without
   --host ADDR            HTTP listen address [GLM_HOST] (default 127.0.0.1)
   --port N               HTTP port [GLM_PORT] (default 8000)
   --bus-port N           ZeroMQ bus port the workers connect to [GLM_BUS_PORT] (default 5570)
+  --bus-host ADDR        address the bus binds [GLM_BUS_HOST] (default: the HTTP host; 0.0.0.0 = all)
   --num-ar N             AR workers [GLM_NUM_AR] (default 1)
   --num-dit N            DiT workers [GLM_NUM_DIT] (default 1)
   --ar-devices LIST      comma list of devices, worker i takes item i mod len [GLM_AR_DEVICES]
                          (default: the stage config's devices), e.g. cuda:0,cuda:1
   --dit-devices LIST     same for DiT workers [GLM_DIT_DEVICES]
   --metrics-port N       first Prometheus port for workers; worker k gets N+k [GLM_WORKER_METRICS_PORT]
-  --log-dir DIR          where process logs go [GLM_LOG_DIR] (default: print to this terminal)
-A worker on another node joins with:
-  glm-image-serve ar-worker --router tcp://THIS_HOST:BUS_PORT --model DIR
+  --supervisor-metrics-port N
+                         the supervisor's Prometheus metrics (restarts, running processes) on
+                         HOST:N [GLM_SUPERVISOR_METRICS_PORT]
+  --log-dir DIR          one log file per process [GLM_LOG_DIR] (default: a new temporary folder);
+                         every line is also shown on this terminal, prefixed with its process name
+  --max-restarts N       restarts allowed per process within the window; one more exit is a crash
+                         loop and that process is left down [GLM_MAX_RESTARTS] (default 5)
+  --restart-window S     seconds over which exits are counted [GLM_RESTART_WINDOW] (default 60)
+  --ready-timeout S      seconds for every worker to register before the launch fails
+                         [GLM_READY_TIMEOUT] (default 600)
+  --shutdown-grace S     on Ctrl-C/SIGTERM, seconds for in-flight requests to finish, then for the
+                         workers to drain [GLM_SHUTDOWN_GRACE] (default 30)
+A process that dies before everything is ready fails the launch (non-zero exit, with its error);
+after that, a dead process is restarted after 1 s, 2 s, 4 s ... (at most 30 s).
+A worker on another node joins with the same stage config (the router refuses any other):
+  glm-image-serve ar-worker --router tcp://THIS_HOST:BUS_PORT --model DIR --stage-config FILE --device DEV
+  (the bus must listen there: --host 0.0.0.0 or --bus-host; the exact line is printed once ready)
 USAGE
 }
 
-MODEL=${GLM_MODEL:-}; STAGE_CONFIG=${GLM_STAGE_CONFIG:-}; HOST=${GLM_HOST:-127.0.0.1}
-PORT=${GLM_PORT:-8000}; BUS_PORT=${GLM_BUS_PORT:-5570}; NUM_AR=${GLM_NUM_AR:-1}; NUM_DIT=${GLM_NUM_DIT:-1}
-AR_DEVICES=${GLM_AR_DEVICES:-}; DIT_DEVICES=${GLM_DIT_DEVICES:-}; METRICS_PORT=${GLM_WORKER_METRICS_PORT:-}
-LOG_DIR=${GLM_LOG_DIR:-}
+MODEL=${GLM_MODEL:-}; MODEL_NAME=${GLM_MODEL_NAME:-}; STAGE_CONFIG=${GLM_STAGE_CONFIG:-}
+HOST=${GLM_HOST:-127.0.0.1}; PORT=${GLM_PORT:-8000}; BUS_PORT=${GLM_BUS_PORT:-5570}; BUS_HOST=${GLM_BUS_HOST:-}
+NUM_AR=${GLM_NUM_AR:-1}; NUM_DIT=${GLM_NUM_DIT:-1}; AR_DEVICES=${GLM_AR_DEVICES:-}; DIT_DEVICES=${GLM_DIT_DEVICES:-}
+METRICS_PORT=${GLM_WORKER_METRICS_PORT:-}; SUPERVISOR_METRICS_PORT=${GLM_SUPERVISOR_METRICS_PORT:-}
+LOG_DIR=${GLM_LOG_DIR:-}; MAX_RESTARTS=${GLM_MAX_RESTARTS:-5}; RESTART_WINDOW=${GLM_RESTART_WINDOW:-60}
+READY_TIMEOUT=${GLM_READY_TIMEOUT:-600}; SHUTDOWN_GRACE=${GLM_SHUTDOWN_GRACE:-30}
 while [ $# -gt 0 ]; do
+  case "$1" in -h|--help) usage; exit 0 ;; esac
+  [ $# -ge 2 ] || { echo "option $1 needs a value" >&2; usage >&2; exit 2; }
   case "$1" in
-    --model) MODEL=$2; shift 2 ;;
-    --stage-config) STAGE_CONFIG=$2; shift 2 ;;
-    --host) HOST=$2; shift 2 ;;
-    --port) PORT=$2; shift 2 ;;
-    --bus-port) BUS_PORT=$2; shift 2 ;;
-    --num-ar) NUM_AR=$2; shift 2 ;;
-    --num-dit) NUM_DIT=$2; shift 2 ;;
-    --ar-devices) AR_DEVICES=$2; shift 2 ;;
-    --dit-devices) DIT_DEVICES=$2; shift 2 ;;
-    --metrics-port) METRICS_PORT=$2; shift 2 ;;
-    --log-dir) LOG_DIR=$2; shift 2 ;;
-    -h|--help) usage; exit 0 ;;
+    --model) MODEL=$2 ;;
+    --model-name) MODEL_NAME=$2 ;;
+    --stage-config) STAGE_CONFIG=$2 ;;
+    --host) HOST=$2 ;;
+    --port) PORT=$2 ;;
+    --bus-port) BUS_PORT=$2 ;;
+    --bus-host) BUS_HOST=$2 ;;
+    --num-ar) NUM_AR=$2 ;;
+    --num-dit) NUM_DIT=$2 ;;
+    --ar-devices) AR_DEVICES=$2 ;;
+    --dit-devices) DIT_DEVICES=$2 ;;
+    --metrics-port) METRICS_PORT=$2 ;;
+    --supervisor-metrics-port) SUPERVISOR_METRICS_PORT=$2 ;;
+    --log-dir) LOG_DIR=$2 ;;
+    --max-restarts) MAX_RESTARTS=$2 ;;
+    --restart-window) RESTART_WINDOW=$2 ;;
+    --ready-timeout) READY_TIMEOUT=$2 ;;
+    --shutdown-grace) SHUTDOWN_GRACE=$2 ;;
     *) echo "unknown option: $1" >&2; usage >&2; exit 2 ;;
   esac
+  shift 2
 done
 
 "$ROOT/launch/setup_env.sh"
@@ -56,65 +85,20 @@ if [ -z "$MODEL" ]; then
   MODEL="$ROOT/models/tiny-glm-image"
   [ -f "$MODEL/model_index.json" ] || "$BIN/glm-image-serve" make-tiny-model --out "$MODEL" >/dev/null
   STAGE_CONFIG=${STAGE_CONFIG:-$ROOT/stage_configs/glm_image_tiny_cpu.yaml}
+  MODEL_NAME=${MODEL_NAME:-glm-image-tiny-random}  # random weights: not zai-org/GLM-Image
 fi
 STAGE_CONFIG=${STAGE_CONFIG:-$ROOT/stage_configs/glm_image.yaml}
-BUS="tcp://127.0.0.1:$BUS_PORT"
+MODEL_NAME=${MODEL_NAME:-zai-org/GLM-Image}
 
-pids=()
-cleanup() {
-  trap - INT TERM EXIT
-  if [ ${#pids[@]} -gt 0 ]; then
-    echo "stopping ${#pids[@]} process(es)..." >&2
-    kill -TERM "${pids[@]}" 2>/dev/null || true
-    wait "${pids[@]}" 2>/dev/null || true
-  fi
-}
-trap cleanup EXIT
-trap 'cleanup; exit 130' INT TERM
+args=(--model "$MODEL" --model-name "$MODEL_NAME" --stage-config "$STAGE_CONFIG" --host "$HOST" --port "$PORT"
+  --bus-port "$BUS_PORT" --num-ar "$NUM_AR" --num-dit "$NUM_DIT" --max-restarts "$MAX_RESTARTS"
+  --restart-window "$RESTART_WINDOW" --ready-timeout "$READY_TIMEOUT" --shutdown-grace "$SHUTDOWN_GRACE")
+[ -n "$BUS_HOST" ] && args+=(--bus-host "$BUS_HOST")
+[ -n "$AR_DEVICES" ] && args+=(--ar-devices "$AR_DEVICES")
+[ -n "$DIT_DEVICES" ] && args+=(--dit-devices "$DIT_DEVICES")
+[ -n "$METRICS_PORT" ] && args+=(--metrics-port "$METRICS_PORT")
+[ -n "$SUPERVISOR_METRICS_PORT" ] && args+=(--supervisor-metrics-port "$SUPERVISOR_METRICS_PORT")
+[ -n "$LOG_DIR" ] && args+=(--log-dir "$LOG_DIR")
 
-start() {  # start NAME CMD...: run in the background, logging to LOG_DIR/NAME.log if set
-  local name=$1; shift
-  if [ -n "$LOG_DIR" ]; then mkdir -p "$LOG_DIR"; "$@" >"$LOG_DIR/$name.log" 2>&1 &
-  else "$@" & fi
-  pids+=($!)
-}
-
-pick() {  # pick LIST INDEX: item INDEX mod len of a comma list
-  local IFS=,; local items=($1); echo "${items[$(( $2 % ${#items[@]} ))]}"
-}
-
-start router "$BIN/glm-image-serve" router --stage-config "$STAGE_CONFIG" --host "$HOST" --port "$PORT" \
-  --bus-bind "tcp://*:$BUS_PORT"
-metrics_next=$METRICS_PORT
-start_workers() {  # start_workers STAGE COUNT DEVICES: COUNT workers of STAGE (ar|dit)
-  local stage=$1 count=$2 devices=$3 i args
-  for ((i = 0; i < count; i++)); do
-    args=(--stage-config "$STAGE_CONFIG" --router "$BUS" --model "$MODEL" --worker-id "$stage-$i")
-    [ -n "$devices" ] && args+=(--device "$(pick "$devices" "$i")")
-    if [ -n "$metrics_next" ]; then args+=(--metrics-port "$metrics_next"); metrics_next=$((metrics_next + 1)); fi
-    start "$stage-$i" "$BIN/glm-image-serve" "$stage-worker" "${args[@]}"
-  done
-}
-start_workers ar "$NUM_AR" "$AR_DEVICES"
-start_workers dit "$NUM_DIT" "$DIT_DEVICES"
-
-URL="http://$HOST:$PORT"
-[ "$HOST" = "0.0.0.0" ] && URL="http://127.0.0.1:$PORT"
-echo "waiting for $NUM_AR AR + $NUM_DIT DiT worker(s) at $URL ..." >&2
-"$BIN/python" -m launch.wait_ready --url "$URL" --ar "$NUM_AR" --dit "$NUM_DIT" --pids "${pids[@]}"
-
-cat <<READY
-GLM-Image is serving at $URL  (model: $MODEL)
-Try:
-  curl -s $URL/v1/images/generations -H 'Content-Type: application/json' \\
-    -d '{"prompt": "a lighthouse at dawn, \"HELLO\" painted on it", "size": "512x512", "seed": 1}' \\
-    | jq -r '.data[0].b64_json' | base64 -d > out.png
-Metrics: $URL/metrics    Stop: Ctrl-C
-READY
-
-# Any child exiting brings the rest down.
-set +e
-wait -n "${pids[@]}"
-status=$?
-echo "a process exited (status $status); shutting down" >&2
-exit "$status"
+# exec: the supervisor takes this process's pid, so Ctrl-C and `kill` reach it directly.
+exec "$BIN/glm-image-serve" launch "${args[@]}"

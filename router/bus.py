@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 import zmq
 import zmq.asyncio
@@ -23,14 +23,18 @@ from common.protocol import (
     Heartbeat,
     JobCancel,
     JobError,
+    JobProgress,
     JobRequest,
     JobResult,
     ProtocolError,
+    RegistrationRefused,
     RouterPing,
+    WorkerInfo,
     decode,
     encode,
 )
 from common.stage_config import BusConfig
+from router.metrics import RouterMetrics
 from router.worker_pool import WorkerPool, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -44,14 +48,25 @@ class WorkerLost(Exception):
 class _PendingJob:
     future: asyncio.Future
     worker_id: str
+    on_progress: Callable[[JobProgress], None] | None = None
 
 
 class RouterBus:
-    def __init__(self, bind_address: str, bus: BusConfig, pool: WorkerPool):
+    """The bound ROUTER socket: registrations, liveness, job dispatch and replies.
+
+    Only workers whose stage-config fingerprint equals `config_fingerprint` are
+    registered; others are told why (RegistrationRefused), logged once and counted.
+    """
+
+    def __init__(self, bind_address: str, bus_config: BusConfig, pool: WorkerPool, metrics: RouterMetrics,
+                 config_fingerprint: str):
         self.bind_address = bind_address
-        self.bus = bus
+        self.bus_config = bus_config
         self.pool = pool
-        self.router_id = uuid.uuid4().hex[:12]
+        self.metrics = metrics
+        self.config_fingerprint = config_fingerprint
+        # (worker_id, fingerprint) pairs already refused: logged and counted once, answered every time.
+        self._refused: set[tuple[str, str]] = set()
         self.ctx = zmq.asyncio.Context()
         self.socket: zmq.asyncio.Socket | None = None
         self.pending: dict[str, _PendingJob] = {}
@@ -64,7 +79,7 @@ class RouterBus:
     async def start(self) -> None:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.bus.max_message_bytes)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.bus_config.max_message_bytes)
         # Sending to an unknown identity raises instead of vanishing silently.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A worker that reconnects (new socket, same identity) takes its identity over at once,
@@ -76,7 +91,7 @@ class RouterBus:
             asyncio.create_task(self._receive_loop(), name="bus-recv"),
             asyncio.create_task(self._liveness_loop(), name="bus-liveness"),
         ]
-        logger.info("bus bound at %s (router %s)", self.bind_address, self.router_id)
+        logger.info("bus bound at %s (stage config %s)", self.bind_address, self.config_fingerprint)
 
     async def close(self) -> None:
         tasks = list(self._tasks)
@@ -90,13 +105,19 @@ class RouterBus:
             self.socket.close(linger=0)
         self.ctx.term()
 
-    async def submit(self, worker: WorkerState, job: JobRequest) -> asyncio.Future:
-        """Send a job to a worker; the future resolves to its JobResult / JobError or WorkerLost."""
+    async def submit(self, worker: WorkerState, job: JobRequest,
+                     on_progress: Callable[[JobProgress], None] | None = None) -> asyncio.Future:
+        """Send a job to a worker; the future resolves to its JobResult / JobError or WorkerLost.
+        The worker's JobProgress messages for the job go to `on_progress` until then."""
         future = asyncio.get_running_loop().create_future()
-        self.pending[job.job_id] = _PendingJob(future, worker.info.worker_id)
+        self.pending[job.job_id] = _PendingJob(future, worker.info.worker_id, on_progress)
         worker.assigned.add(job.job_id)
         if not await self._send(worker.identity, job):
-            self._finish(job.job_id, exception=WorkerLost(f"worker {worker.info.worker_id} unreachable"))
+            # Its connection is gone (ROUTER_MANDATORY): forget it now, or the retry would pick it
+            # again before the liveness loop notices. A live worker re-registers with its next heartbeat.
+            logger.warning("worker %s unreachable: dropped until it heartbeats again", worker.info.worker_id)
+            self._fail_worker_jobs(worker.info.worker_id, "was unreachable")
+            self.pool.remove(worker.info.worker_id)
         return future
 
     async def cancel(self, job_id: str) -> None:
@@ -174,6 +195,9 @@ class RouterBus:
             if message.info.worker_id.encode() != identity:
                 logger.warning("heartbeat for %s from identity %r dropped", message.info.worker_id, identity[:64])
                 return
+            if message.info.config_fingerprint != self.config_fingerprint:
+                self._refuse(identity, message.info)
+                return
             known = self.pool.workers.get(message.info.worker_id)
             if known is not None and (known.info.pid, known.info.host) != (message.info.pid, message.info.host):
                 # Restarted under the same id before it was declared dead: its jobs died with the old process.
@@ -183,7 +207,7 @@ class RouterBus:
             if self.pool.observe(identity, message):
                 info = message.info
                 logger.info("worker %s registered: stage=%s capacity=%d host=%s", info.worker_id, info.stage.value, info.capacity, info.host)
-                self._spawn(self._send(identity, RouterPing(router_id=self.router_id)))
+                self._spawn(self._send(identity, RouterPing()))
                 # Only a new worker opens slots here; finished jobs notify in _finish.
                 self._notify_slots()
         elif isinstance(message, Goodbye):
@@ -192,21 +216,35 @@ class RouterBus:
                 logger.info("worker %s deregistered", message.worker_id)
                 self._fail_worker_jobs(message.worker_id, "left")
                 self.pool.remove(message.worker_id)
-        elif isinstance(message, (JobResult, JobError)):
+        elif isinstance(message, (JobResult, JobError, JobProgress)):
             pending = self.pending.get(message.job_id)
             if pending is None or pending.worker_id != message.worker_id or message.worker_id.encode() != identity:
-                logger.info("dropping late or duplicate reply for job %s from %s", message.job_id, message.worker_id)
+                if not isinstance(message, JobProgress):  # progress racing a finished job is normal
+                    logger.info("dropping late or duplicate reply for job %s from %s", message.job_id, message.worker_id)
+                return
+            if isinstance(message, JobProgress):
+                if pending.on_progress is not None:
+                    pending.on_progress(message)
                 return
             self._finish(message.job_id, result=message)
         else:
             logger.warning("dropping unexpected %s from %r", type(message).__name__, identity[:64])
+
+    def _refuse(self, identity: bytes, info: WorkerInfo) -> None:
+        reason = (f"worker {info.worker_id} runs stage config {info.config_fingerprint} but this router runs "
+                  f"{self.config_fingerprint}: start it with the router's --stage-config")
+        if (info.worker_id, info.config_fingerprint) not in self._refused:
+            self._refused.add((info.worker_id, info.config_fingerprint))
+            logger.error("refusing %s worker %s from %s: %s", info.stage.value, info.worker_id, info.host, reason)
+            self.metrics.workers_refused.labels(reason="config_mismatch").inc()
+        self._spawn(self._send(identity, RegistrationRefused(reason=reason)))
 
     def _fail_worker_jobs(self, worker_id: str, why: str) -> None:
         for job_id in [j for j, p in self.pending.items() if p.worker_id == worker_id]:
             self._finish(job_id, exception=WorkerLost(f"worker {worker_id} {why} while running the job"))
 
     async def _liveness_loop(self) -> None:
-        ping = RouterPing(router_id=self.router_id)
+        ping = RouterPing()
         while True:
             for dead in self.pool.expire():
                 silent = time.monotonic() - dead.last_seen
@@ -214,4 +252,4 @@ class RouterBus:
                 self._fail_worker_jobs(dead.info.worker_id, "died")
             for worker in list(self.pool.workers.values()):
                 await self._send(worker.identity, ping)
-            await asyncio.sleep(self.bus.heartbeat_interval_s)
+            await asyncio.sleep(self.bus_config.heartbeat_interval_s)

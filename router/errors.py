@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+from starlette.responses import JSONResponse
+
+
+def error_response(status: int, message: str, error_type: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The OpenAI-style error body every failure uses: {"error": {"message", "type", "code"}}."""
+    body = {"error": {"message": message, "type": error_type, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
 
 class ServiceError(Exception):
     status_code = 500

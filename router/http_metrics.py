@@ -29,6 +29,17 @@ class HttpMetrics:
             "glm_image_http_client_disconnects", "Requests cancelled because the client went away.",
             ["endpoint"], registry=registry)
 
+        self.streams = Counter(
+            "glm_image_http_streams", "Streamed (server-sent events) responses started.", ["endpoint"],
+            registry=registry)
+        self.stream_first_event = Histogram(
+            "glm_image_http_stream_first_event_seconds", "Time from the request to the first event sent.",
+            ["endpoint"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.stream_events = Counter(
+            "glm_image_http_stream_events",
+            "Events sent on streams, by kind (partial_image: a preview the DiT decoded; completed; progress).",
+            ["kind"], registry=registry)
+
     def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, method, str(status)).inc()
         self.latency.labels(endpoint, method).observe(seconds)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from common.sizes import nearest_valid_size
+from common.sizes import ImageSize, nearest_valid_size
 from common.stage_config import Limits
 from router.errors import InvalidRequest, PayloadTooLarge
 
@@ -48,14 +48,8 @@ class ConditionImage:
     """A decoded condition image, RGB, at a valid size, encoded as PNG."""
 
     png: bytes
-    width: int
-    height: int
-    source_width: int  # before the resize (after EXIF orientation)
-    source_height: int
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.width, self.height
+    size: ImageSize
+    source_size: ImageSize  # before the resize (after EXIF orientation)
 
 
 def check_upload_size(num_bytes: int, limits: Limits, what: str) -> None:
@@ -112,7 +106,7 @@ def load_condition_image(raw: bytes, limits: Limits, what: str) -> ConditionImag
         raise InvalidRequest(f"{what} is not a {_ACCEPTED_TEXT} image") from None
     except Image.DecompressionBombError as exc:
         # Pillow's own guard (2x Image.MAX_IMAGE_PIXELS) fired while reading the header.
-        raise _too_many_pixels(what, limits, exc) from None
+        raise _too_many_pixels(what, limits) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidRequest(f"{what} could not be read as a {_ACCEPTED_TEXT} image: {exc}") from None
     with image:
@@ -125,25 +119,25 @@ def load_condition_image(raw: bytes, limits: Limits, what: str) -> ConditionImag
                 f"at most {limits.max_image_pixels} pixels are accepted")
         try:
             image.load()
-        except Image.DecompressionBombError as exc:
-            raise _too_many_pixels(what, limits, exc) from None
+        except Image.DecompressionBombError:
+            raise _too_many_pixels(what, limits) from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise InvalidRequest(
                 f"{what} could not be decoded: the {image.format} data is truncated or corrupt ({exc})") from None
         rgb = _to_rgb(_upright(image, what))
-    source_width, source_height = rgb.size
-    target = nearest_valid_size(source_width, source_height, limits.size_limits)
-    if target != rgb.size:
-        rgb = rgb.resize(target, Image.Resampling.LANCZOS)
+    source = ImageSize(*rgb.size)
+    target = nearest_valid_size(source, limits.size_limits)
+    if target != source:
+        rgb = rgb.resize((target.width, target.height), Image.Resampling.LANCZOS)
     out = io.BytesIO()
     rgb.save(out, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
-    return ConditionImage(out.getvalue(), target[0], target[1], source_width, source_height)
+    return ConditionImage(out.getvalue(), target, source)
 
 
-def _too_many_pixels(what: str, limits: Limits, exc: Image.DecompressionBombError) -> InvalidRequest:
-    found = re.search(r"\((\d+) pixels\)", str(exc))
-    pixels = found.group(1) if found else "too many"
-    return InvalidRequest(f"{what} has {pixels} pixels; at most {limits.max_image_pixels} pixels are accepted")
+def _too_many_pixels(what: str, limits: Limits) -> InvalidRequest:
+    # Pillow refuses, while reading the header, any canvas over twice its MAX_IMAGE_PIXELS.
+    return InvalidRequest(f"{what} has more than {2 * Image.MAX_IMAGE_PIXELS} pixels; "
+                          f"at most {limits.max_image_pixels} pixels are accepted")
 
 
 def _upright(image: Image.Image, what: str) -> Image.Image:

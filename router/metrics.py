@@ -17,4 +17,7 @@ class RouterMetrics:
         self.images = Counter("glm_router_images", "Images finished, by outcome", ["outcome"], registry=registry)
         self.rejected = Counter("glm_router_admission_rejected", "Requests refused by admission control", registry=registry)
         self.live_workers = Gauge("glm_router_live_workers", "Live workers per stage", ["stage"], registry=registry)
+        self.workers_refused = Counter(
+            "glm_router_workers_refused", "Worker registrations refused, by reason (once per worker and config)",
+            ["reason"], registry=registry)
         self.pending_images = Gauge("glm_router_pending_images", "Images admitted and not finished", registry=registry)

@@ -1,17 +1,20 @@
 """Runs a request through the stages: AR job, then DiT job, per image, with retries and deadlines.
 
 For every image the orchestrator builds one `original_prompt` carrying the size
-both ways (`height`/`width` and `mm_processor_kwargs.target_h/target_w`); stage
-0 gets `mm_processor_kwargs` on its prompt and stage 1 gets the
-`original_prompt`. Each stage reports the size it used, and a disagreement is
-an error rather than a noisy image.
+both ways (`height`/`width` and `mm_processor_kwargs.target_h/target_w`, the
+second derived from the first); stage 0 gets `mm_processor_kwargs` on its
+prompt and stage 1 gets the `original_prompt`. Each stage reports the size it
+used, and a disagreement is an error rather than a noisy image.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
+from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 from common.protocol import (
     ARJob,
@@ -22,16 +25,26 @@ from common.protocol import (
     DiTResult,
     ErrorCode,
     JobError,
+    JobPayload,
+    JobProgress,
     JobRequest,
     JobResult,
-    MMProcessorKwargs,
     OriginalPrompt,
     Stage,
 )
+from common.sizes import token_layout
 from common.stage_config import StageConfig
 from router.bus import RouterBus, WorkerLost
 from router.errors import DeadlineExceeded, InvalidRequest, NoLiveWorkers, Overloaded, StageFailed
-from router.image_request import GeneratedImage, ImageRequest
+from router.image_request import (
+    EventListener,
+    GeneratedImage,
+    GenerationEvent,
+    ImageFinished,
+    ImageRequest,
+    PartialImage,
+    StageProgress,
+)
 from router.metrics import RouterMetrics
 from router.worker_pool import WorkerPool, WorkerState
 
@@ -40,9 +53,74 @@ logger = logging.getLogger(__name__)
 # Replies that say "another worker may do it": re-dispatch without counting a failure,
 # up to this many times per job, so a busy fleet can't bounce a job forever.
 _MAX_BOUNCES = 50
+_BOUNCE = ErrorCode.OVERLOADED.value
+
+R = TypeVar("R", ARResult, DiTResult)
+
+
+class _Retryable(Exception):
+    """One attempt failed in a way another attempt (on another worker) may fix."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason  # the metrics label: worker_lost, overloaded, internal, cancelled
+        self.message = message
+
+
+def _classify_error(stage: Stage, reply: JobError) -> Exception:
+    """What a worker's error reply means for the request: final (a ServiceError) or retryable."""
+    if reply.code == ErrorCode.BAD_REQUEST:
+        return InvalidRequest(f"{stage.value} stage rejected the request: {reply.message}")
+    if reply.code == ErrorCode.TIMEOUT:
+        return DeadlineExceeded(reply.message)
+    return _Retryable(reply.code.value, f"worker {reply.worker_id}: {reply.message}")
+
+
+def preview_steps(num_steps: int, partial_images: int) -> list[int]:
+    """Evenly spaced denoising steps to preview after, for `partial_images` previews.
+
+    Only steps 1..num_steps-2 qualify: step 0 has no previous latents to estimate the clean
+    image from, and the last step is the final image. Few steps give fewer previews."""
+    candidates = range(1, num_steps - 1)
+    if partial_images <= 0 or not candidates:
+        return []
+    picks = {round((j + 1) * num_steps / (partial_images + 1)) - 1 for j in range(partial_images)}
+    return sorted({min(max(step, candidates[0]), candidates[-1]) for step in picks})
+
+
+def _ignore(event: GenerationEvent) -> None:
+    pass
+
+
+@dataclass
+class _ImageRun:
+    """One image of a request on its way through the stages."""
+
+    request: ImageRequest
+    index: int
+    seed: int
+    deadline_at: float
+    emit: EventListener
+    partial_images_sent: int = 0
+
+    def on_progress(self, stage: Stage) -> Callable[[JobProgress], None] | None:
+        """What to do with the workers' progress messages of this image's `stage` job."""
+        if not (self.request.progress or self.request.partial_images):
+            return None
+
+        def forward(progress: JobProgress) -> None:
+            if progress.preview is not None:
+                self.emit(PartialImage(self.index, self.partial_images_sent, progress.preview))
+                self.partial_images_sent += 1
+            elif self.request.progress:
+                self.emit(StageProgress(self.index, stage.value, progress.done, progress.total))
+
+        return forward
 
 
 class Orchestrator:
+    """Turns ImageRequests into stage jobs on the bus (the router's ImageBackend)."""
+
     def __init__(self, config: StageConfig, bus: RouterBus, pool: WorkerPool, metrics: RouterMetrics, model_name: str):
         self.config = config
         self.bus = bus
@@ -61,15 +139,21 @@ class Orchestrator:
     def live_workers(self) -> dict[str, int]:
         return self.pool.counts()
 
-    async def generate(self, request: ImageRequest) -> list[GeneratedImage]:
+    async def generate(self, request: ImageRequest, listener: EventListener | None = None) -> list[GeneratedImage]:
         """Generate `request.n` images (seeds seed, seed+1, ...). Raises ServiceError subclasses;
-        cancelling the caller cancels every job on the workers."""
+        cancelling the caller cancels every job on the workers. `listener` sees the
+        GenerationEvents (see ImageBackend.generate)."""
         self._admit(request)
+        emit = listener or _ignore
+        ahead = self.pending_images
         self.pending_images += request.n
         self.metrics.pending_images.set(self.pending_images)
         deadline_at = time.monotonic() + self.config.router.request_deadline_s
         base_seed = self.config.ar.default_sampling_params.seed if request.seed is None else request.seed
-        tasks = [asyncio.create_task(self._one_image(request, i, base_seed + i, deadline_at)) for i in range(request.n)]
+        runs = [_ImageRun(request, i, base_seed + i, deadline_at, emit) for i in range(request.n)]
+        for run in runs:
+            emit(StageProgress(run.index, "queued", position=ahead + run.index))
+        tasks = [asyncio.create_task(self._one_image(run)) for run in runs]
         try:
             return list(await asyncio.gather(*tasks))
         finally:
@@ -92,41 +176,59 @@ class Orchestrator:
             )
 
     def build_original_prompt(self, request: ImageRequest, seed: int) -> OriginalPrompt:
+        """The one description of image `seed` that every stage sees (the size is derived both ways)."""
         dit_defaults = self.config.dit.default_sampling_params
+        steps = request.num_inference_steps
+        if steps is None:
+            steps = (dit_defaults.num_inference_steps if request.quality == "auto"
+                     else getattr(dit_defaults.quality_steps, request.quality))
         return OriginalPrompt(
             prompt=request.prompt,
-            height=request.height,
-            width=request.width,
-            mm_processor_kwargs=MMProcessorKwargs(target_h=request.height, target_w=request.width),
+            height=request.size.height,
+            width=request.size.width,
             seed=seed,
-            num_inference_steps=request.num_inference_steps or dit_defaults.num_inference_steps,
+            num_inference_steps=steps,
             guidance_scale=dit_defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
             negative_prompt=request.negative_prompt,
             condition_images=list(request.condition_images),
             output_format=request.output_format,
+            output_compression=request.output_compression,
         )
 
-    async def _one_image(self, request: ImageRequest, index: int, seed: int, deadline_at: float) -> GeneratedImage:
+    def _ar_sampling(self, request: ImageRequest, seed: int) -> ARSampling:
+        defaults = self.config.ar.default_sampling_params
+        return ARSampling(
+            temperature=defaults.temperature if request.ar_temperature is None else request.ar_temperature,
+            top_p=defaults.top_p if request.ar_top_p is None else request.ar_top_p,
+            top_k=defaults.top_k,
+            seed=seed,
+        )
+
+    async def _one_image(self, run: _ImageRun) -> GeneratedImage:
+        request, index, seed = run.request, run.index, run.seed
         started = time.monotonic()
-        rid = request.request_id
         original = self.build_original_prompt(request, seed)
-        ar_defaults = self.config.ar.default_sampling_params
         ar_job = ARJob(
             prompt=ARPrompt(prompt=original.prompt, mm_processor_kwargs=original.mm_processor_kwargs, images=original.condition_images),
-            sampling=ARSampling(temperature=ar_defaults.temperature, top_p=ar_defaults.top_p, top_k=ar_defaults.top_k, seed=seed),
+            sampling=self._ar_sampling(request, seed),
         )
         try:
-            ar_reply = await self._run_stage(Stage.AR, rid, index, ar_job, deadline_at)
-            ar: ARResult = ar_reply.payload
-            if (ar.target_h, ar.target_w) != (request.height, request.width):
-                raise StageFailed(
-                    f"AR stage used size {ar.target_w}x{ar.target_h} but {request.width}x{request.height} was requested"
-                )
-            dit_job = DiTJob(original_prompt=original, prior_token_ids=ar.prior_token_ids, prior_token_image_ids=ar.prior_token_image_ids)
-            dit_reply = await self._run_stage(Stage.DIT, rid, index, dit_job, deadline_at)
-            dit: DiTResult = dit_reply.payload
-            if (dit.height, dit.width) != (request.height, request.width):
-                raise StageFailed(f"DiT stage used size {dit.width}x{dit.height} but {request.width}x{request.height} was requested")
+            ar, ar_timings = await self._run_stage(Stage.AR, run, ar_job, ARResult)
+            if ar.size != request.size:
+                raise StageFailed(f"AR stage used size {ar.size} but {request.size} was requested")
+            if request.progress:
+                tokens = token_layout(request.size, image_to_image=bool(request.condition_images)).tokens_to_generate
+                run.emit(StageProgress(index, "ar", tokens, tokens, seconds=round(time.monotonic() - started, 4)))
+            dit_started = time.monotonic()
+            dit_job = DiTJob(original_prompt=original, prior_token_ids=ar.prior_token_ids,
+                             prior_token_image_ids=ar.prior_token_image_ids,
+                             preview_steps=preview_steps(original.num_inference_steps, request.partial_images))
+            dit, dit_timings = await self._run_stage(Stage.DIT, run, dit_job, DiTResult)
+            if dit.size != request.size:
+                raise StageFailed(f"DiT stage used size {dit.size} but {request.size} was requested")
+            if request.progress:
+                steps = original.num_inference_steps
+                run.emit(StageProgress(index, "dit", steps, steps, seconds=round(time.monotonic() - dit_started, 4)))
         except asyncio.CancelledError:
             self.metrics.images.labels(outcome="cancelled").inc()
             raise
@@ -136,75 +238,84 @@ class Orchestrator:
         total = time.monotonic() - started
         self._recent_image_s = 0.8 * self._recent_image_s + 0.2 * total
         self.metrics.images.labels(outcome="ok").inc()
-        logger.info("[%s] image %d (seed %d, %dx%d) done in %.2fs", rid, index, seed, request.width, request.height, total)
-        return GeneratedImage(
+        logger.info("[%s] image %d (seed %d, %s) done in %.2fs", request.log_tag, index, seed, request.size, total)
+        image = GeneratedImage(
             image=dit.image,
             output_format=dit.output_format,
             seed=seed,
-            width=dit.width,
-            height=dit.height,
+            size=dit.size,
             timings={
-                "ar_s": round(ar_reply.timings.get("ar_s", 0.0), 4),
-                "dit_s": round(dit_reply.timings.get("dit_s", 0.0), 4),
+                "ar_s": round(ar_timings.get("ar_s", 0.0), 4),
+                "dit_s": round(dit_timings.get("dit_s", 0.0), 4),
                 "total_s": round(total, 4),
             },
-            stage_sizes={"ar": [ar.target_h, ar.target_w], "dit": [dit.height, dit.width]},
+            stage_sizes={"ar": ar.size, "dit": dit.size},
         )
+        run.emit(ImageFinished(index, image))
+        return image
 
-    async def _run_stage(self, stage: Stage, request_id: str, index: int, payload, deadline_at: float) -> JobResult:
-        """Dispatch one stage job to the least-loaded live worker; retry on worker loss or failure."""
-        stage_timeout = (self.config.ar if stage == Stage.AR else self.config.dit).timeouts.job_deadline_s
-        failures = bounces = 0
-        last_error = ""
+    async def _run_stage(self, stage: Stage, run: _ImageRun, payload: JobPayload, result_type: type[R]) -> tuple[R, dict[str, float]]:
+        """Run one stage job to a result of `result_type`, re-dispatching while retries allow."""
+        request = run.request
         started = time.monotonic()
-        for attempt in range(self.config.router.max_retries + _MAX_BOUNCES + 1):
-            remaining = deadline_at - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExceeded(f"request exceeded its {self.config.router.request_deadline_s:.0f}s deadline in the {stage.value} stage")
-            job_id = f"{request_id}.{index}.{stage.value}.{attempt}"
-            worker = await self._acquire(stage, deadline_at)
-            timeout = min(stage_timeout, remaining)
-            job = JobRequest(job_id=job_id, request_id=request_id, deadline_s=timeout, payload=payload)
-            future = await self.bus.submit(worker, job)
+        failures = bounces = 0
+        last_error = "workers kept refusing"
+        for attempt in itertools.count():
+            job_id = f"{request.request_id}.{run.index}.{stage.value}.{attempt}"
             try:
-                # The worker enforces the deadline itself; the margin covers a worker that can't.
-                reply = await asyncio.wait_for(asyncio.shield(future), timeout=timeout + 2 * self.config.bus.peer_timeout_s)
-            except asyncio.CancelledError:
-                logger.info("[%s] cancelling %s job on %s", request_id, stage.value, worker.info.worker_id)
-                await self.bus.cancel(job_id)
-                raise
-            except asyncio.TimeoutError:
-                await self.bus.cancel(job_id)
-                raise DeadlineExceeded(f"{stage.value} stage did not answer within {timeout:.0f}s") from None
-            except WorkerLost as exc:
+                result = await self._dispatch_once(stage, run, job_id, payload)
+            except _Retryable as retry:
+                self.metrics.stage_retries.labels(stage=stage.value, reason=retry.reason).inc()
+                if retry.reason == _BOUNCE:
+                    bounces += 1
+                    if bounces > _MAX_BOUNCES:
+                        break
+                    continue
                 failures += 1
-                last_error = str(exc)
-                self.metrics.stage_retries.labels(stage=stage.value, reason="worker_lost").inc()
-                logger.warning("[%s] %s; re-dispatching (%d/%d)", request_id, exc, failures, self.config.router.max_retries)
+                last_error = retry.message
+                logger.warning("[%s] %s stage: %s; re-dispatching (%d/%d)", request.log_tag, stage.value,
+                               retry.message, failures, self.config.router.max_retries)
+                if request.progress:
+                    run.emit(StageProgress(run.index, "retry", reason=f"{stage.value} stage: {retry.reason}"))
                 if failures > self.config.router.max_retries:
                     break
                 continue
-            if isinstance(reply, JobResult):
-                self.metrics.stage_seconds.labels(stage=stage.value).observe(time.monotonic() - started)
-                return reply
-            assert isinstance(reply, JobError)
-            if reply.code == ErrorCode.BAD_REQUEST:
-                raise InvalidRequest(f"{stage.value} stage rejected the request: {reply.message}")
-            if reply.code == ErrorCode.TIMEOUT:
-                raise DeadlineExceeded(reply.message)
-            if reply.code == ErrorCode.OVERLOADED:
-                bounces += 1
-                self.metrics.stage_retries.labels(stage=stage.value, reason="overloaded").inc()
-                if bounces > _MAX_BOUNCES:
-                    break
-                continue
-            failures += 1
-            last_error = f"worker {reply.worker_id}: {reply.message}"
-            self.metrics.stage_retries.labels(stage=stage.value, reason=reply.code.value).inc()
-            logger.warning("[%s] %s stage failed on %s: %s", request_id, stage.value, reply.worker_id, reply.message)
-            if failures > self.config.router.max_retries:
-                break
-        raise StageFailed(f"{stage.value} stage failed after {failures} attempt(s): {last_error or 'workers kept refusing'}")
+            self.metrics.stage_seconds.labels(stage=stage.value).observe(time.monotonic() - started)
+            if not isinstance(result.payload, result_type):
+                raise StageFailed(f"{stage.value} worker {result.worker_id} answered with a {result.payload.stage} result")
+            return result.payload, result.timings
+        raise StageFailed(f"{stage.value} stage failed after {failures} attempt(s): {last_error}")
+
+    async def _dispatch_once(self, stage: Stage, run: _ImageRun, job_id: str, payload: JobPayload) -> JobResult:
+        """Send one attempt to the least-loaded live worker and wait for its reply.
+
+        Returns the result; raises `_Retryable` when another attempt may succeed, and a
+        ServiceError when none can."""
+        request, deadline_at = run.request, run.deadline_at
+        remaining = deadline_at - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded(
+                f"request exceeded its {self.config.router.request_deadline_s:.0f}s deadline in the {stage.value} stage")
+        worker = await self._acquire(stage, deadline_at)
+        timeout = min(self.config.stage(stage).timeouts.job_deadline_s, remaining)
+        job = JobRequest(job_id=job_id, request_id=request.request_id, client_request_id=request.client_request_id,
+                         deadline_s=timeout, payload=payload, progress=request.progress)
+        future = await self.bus.submit(worker, job, run.on_progress(stage))
+        try:
+            # The worker enforces the deadline itself; the margin covers a worker that can't.
+            reply = await asyncio.wait_for(asyncio.shield(future), timeout=timeout + 2 * self.config.bus.peer_timeout_s)
+        except asyncio.CancelledError:
+            logger.info("[%s] cancelling %s job %s on %s", request.log_tag, stage.value, job_id, worker.info.worker_id)
+            await self.bus.cancel(job_id)
+            raise
+        except asyncio.TimeoutError:
+            await self.bus.cancel(job_id)
+            raise DeadlineExceeded(f"{stage.value} stage did not answer within {timeout:.0f}s") from None
+        except WorkerLost as exc:
+            raise _Retryable("worker_lost", str(exc)) from None
+        if isinstance(reply, JobResult):
+            return reply
+        raise _classify_error(stage, reply)
 
     async def _acquire(self, stage: Stage, deadline_at: float) -> WorkerState:
         """Wait for a free slot on a live worker of the stage. With no live worker at all for

@@ -8,8 +8,8 @@ field rather than a silently ignored option.
 
 Sizes are resolved here too (`resolve_size`): an omitted size becomes the
 configured default *before* the request goes further, so the default travels
-down the pipeline exactly like an explicit size (the bug class described in
-GLM_IMAGE_FACTS.md).
+down the pipeline exactly like an explicit size (see docs/model_facts.md for
+the bug class this prevents).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from common.sizes import InvalidSize, check_size, parse_size
+from common.image_formats import OutputFormat
+from common.sizes import ImageSize, InvalidSize, check_size
 from common.stage_config import Limits
 from router.errors import InvalidRequest
-from router.image_request import OutputFormat
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -49,10 +49,17 @@ def _limits(info: ValidationInfo) -> Limits | None:
     return (info.context or {}).get("limits")
 
 
-def _over_limit(value: Any, limit: Any, what: str = "") -> PydanticCustomError:
-    # Messages leave out the field name: validation_error_message puts it in front.
-    return PydanticCustomError("over_limit", "{value} exceeds the limit of {limit}{what}",
-                               {"value": value, "limit": limit, "what": what})
+# Fields whose upper bound is a deployment limit: field -> (Limits attribute, unit in the message).
+_LIMITED_FIELDS = {
+    "n": ("max_n", " images per request"),
+    "num_inference_steps": ("max_inference_steps", ""),
+    "guidance_scale": ("max_guidance_scale", ""),
+}
+
+
+def _check_seed_range(seed: int | None, n: int) -> None:
+    if seed is not None and seed + n - 1 > MAX_SEED:
+        raise PydanticCustomError("seed_range", "seed + n - 1 must be at most {max}", {"max": MAX_SEED})
 
 
 class _Strict(BaseModel):
@@ -72,6 +79,25 @@ class ImageOptions(_Strict):
         None, ge=0, allow_inf_nan=False, description="DiT classifier-free guidance scale.")
     negative_prompt: str | None = Field(None, description=NEGATIVE_PROMPT_DOC)
     output_format: OutputFormat = Field("png", description="Encoding of the returned images.")
+    output_compression: int | None = Field(
+        None, ge=0, le=100,
+        description="jpeg/webp only: the encoder quality, 100 keeping the most detail (OpenAI's scale). "
+                    "Default 95; ignored for png.")
+    quality: Literal["low", "medium", "high", "auto"] = Field(
+        "auto", description="A preset of DiT denoising steps from the stage config (`dit.quality_steps`); "
+                            "auto: the configured num_inference_steps. An explicit num_inference_steps wins.")
+    background: Literal["auto", "opaque"] | None = Field(
+        None, description='GLM-Image draws opaque images: "auto" and "opaque" are accepted, "transparent" '
+                          "cannot be honoured.")
+
+    @field_validator("background", mode="before")
+    @classmethod
+    def _no_transparency(cls, value: Any) -> Any:
+        if value == "transparent":
+            raise PydanticCustomError(
+                "transparent_unsupported",
+                'GLM-Image cannot draw transparent backgrounds: its VAE decodes RGB only; use "auto" or "opaque"')
+        return value
 
     @field_validator("output_format", mode="before")
     @classmethod
@@ -79,28 +105,18 @@ class ImageOptions(_Strict):
         # "jpg" is what people type; the encoder calls it jpeg.
         return "jpeg" if isinstance(value, str) and value.lower() == "jpg" else value
 
-    @field_validator("n")
+    @field_validator(*_LIMITED_FIELDS)
     @classmethod
-    def _n_within_limit(cls, value: int, info: ValidationInfo) -> int:
+    def _within_deployment_limit(cls, value: Any, info: ValidationInfo) -> Any:
         limits = _limits(info)
-        if limits is not None and value > limits.max_n:
-            raise _over_limit(value, limits.max_n, " images per request")
-        return value
-
-    @field_validator("num_inference_steps")
-    @classmethod
-    def _steps_within_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
-        limits = _limits(info)
-        if value is not None and limits is not None and value > limits.max_inference_steps:
-            raise _over_limit(value, limits.max_inference_steps)
-        return value
-
-    @field_validator("guidance_scale")
-    @classmethod
-    def _guidance_within_limit(cls, value: float | None, info: ValidationInfo) -> float | None:
-        limits = _limits(info)
-        if value is not None and limits is not None and value > limits.max_guidance_scale:
-            raise _over_limit(value, limits.max_guidance_scale)
+        if value is None or limits is None:
+            return value
+        attribute, unit = _LIMITED_FIELDS[info.field_name]
+        limit = getattr(limits, attribute)
+        if value > limit:
+            # The message leaves out the field name: validation_error_message puts it in front.
+            raise PydanticCustomError("over_limit", "{value} exceeds the limit of {limit}{unit}",
+                                      {"value": value, "limit": limit, "unit": unit})
         return value
 
     @field_validator("negative_prompt")
@@ -111,8 +127,7 @@ class ImageOptions(_Strict):
 
     @model_validator(mode="after")
     def _seed_range_fits(self) -> "ImageOptions":
-        if self.seed is not None and self.seed + self.n - 1 > MAX_SEED:
-            raise PydanticCustomError("seed_range", "seed + n - 1 must be at most {max}", {"max": MAX_SEED})
+        _check_seed_range(self.seed, self.n)
         return self
 
 
@@ -133,6 +148,19 @@ class _ImagesEndpointFields(ImageOptions):
     response_format: Literal["b64_json"] | None = Field(
         "b64_json", description='Only "b64_json": images are returned inline.')
     user: str | None = Field(None, description="Accepted for OpenAI compatibility; unused.")
+    stream: bool = Field(
+        False, description="Stream server-sent events: partial images while denoising, then each image "
+                           "as it completes (OpenAI's image streaming).")
+    partial_images: int = Field(
+        0, ge=0, le=3, description="With stream: previews of each image, decoded from the DiT's predicted "
+                                   "clean latent at evenly spaced steps (fewer when there are few steps).")
+    stream_progress: bool = Field(
+        False, description="With stream: also send progress events (queue position, AR tokens, DiT steps, "
+                           "retries). Not an OpenAI event: off unless asked for.")
+    moderation: Literal["low", "auto"] | None = Field(
+        None, description="Accepted for OpenAI compatibility; this server does no content moderation.")
+    style: Literal["vivid", "natural"] | None = Field(
+        None, description="Accepted for OpenAI compatibility; has no effect: describe the style in the prompt.")
 
     _prompt_ok = field_validator("prompt")(_check_prompt)
 
@@ -210,16 +238,20 @@ class ChatCompletionRequest(ChatImageOptions):
 
     messages: list[ChatMessage] = Field(..., min_length=1)
     model: str | None = None
-    stream: bool = Field(False, description="Must be false: images are returned whole.")
+    stream: bool = Field(
+        False, description="Stream chat.completion.chunk events: one chunk per finished image whose delta "
+                           "carries the image part, then [DONE].")
+    stream_options: dict[str, Any] | None = Field(None, description="Accepted for OpenAI compatibility; unused.")
+    temperature: float | None = Field(
+        None, ge=0, le=2, allow_inf_nan=False,
+        description="Sampling temperature of the AR stage (prior tokens); 0 is greedy. Default: the stage config's.")
+    top_p: float | None = Field(
+        None, gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling of the AR stage. Default: the stage config's.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Accepted for OpenAI compatibility; unused: the image size fixes the token count.")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Same as max_tokens.")
     user: str | None = None
     extra_body: ChatImageOptions | None = None
-
-    @field_validator("stream")
-    @classmethod
-    def _no_streaming(cls, value: bool) -> bool:
-        if value:
-            raise PydanticCustomError("stream_unsupported", "streaming is not supported for image generation; send false")
-        return value
 
     @model_validator(mode="after")
     def _merge_extra_body(self) -> "ChatCompletionRequest":
@@ -234,8 +266,7 @@ class ChatCompletionRequest(ChatImageOptions):
             setattr(self, name, value)
             self.model_fields_set.add(name)
         # Re-check cross-field rules on the merged values (n from one place, seed from the other).
-        if self.seed is not None and self.seed + self.n - 1 > MAX_SEED:
-            raise PydanticCustomError("seed_range", "seed + n - 1 must be at most {max}", {"max": MAX_SEED})
+        _check_seed_range(self.seed, self.n)
         return self
 
     def prompt_text(self) -> str:
@@ -260,15 +291,15 @@ class ChatCompletionRequest(ChatImageOptions):
             if isinstance(part, ChatImageURLPart)
         ]
 
-    def size_text(self) -> str | None:
-        """The requested size as "WxH" (from `size` or `height`/`width`), or None when not given."""
+    def requested_size(self) -> ImageSize | str | None:
+        """The size from `height`/`width` when given, else the `size` text, else None."""
         if (self.height is None) != (self.width is None):
             given = "height" if self.height is not None else "width"
             raise InvalidRequest(f"only {given} was given: give both height and width, or size")
         if self.height is None:
             return self.size
-        from_sides = f"{self.width}x{self.height}"
-        if self.size is not None and self.size.strip().lower() != from_sides:
+        from_sides = ImageSize(width=self.width, height=self.height)
+        if self.size is not None and self.size.strip().lower() != str(from_sides):
             raise InvalidRequest(f"size {self.size!r} disagrees with width {self.width} and height {self.height}")
         return from_sides
 
@@ -398,22 +429,24 @@ def parse_body(model: type[M], data: Any, limits: Limits) -> M:
         raise InvalidRequest(validation_error_message(exc)) from None
 
 
-def resolve_size(size: str | None, limits: Limits, auto_size: tuple[int, int] | None = None) -> tuple[int, int]:
-    """The (width, height) to generate.
+def resolve_size(size: ImageSize | str | None, limits: Limits, auto_size: ImageSize | None = None) -> ImageSize:
+    """The size to generate.
 
     `None` means the endpoint default: "auto" where there is a condition image
     (`auto_size`, already a valid size), else `limits.default_size`. "auto"
     without a condition image is the default size too. Anything else must be a
-    valid "WxH"; otherwise InvalidRequest names the rule and the nearest valid size.
+    valid size ("WxH" text or an ImageSize); otherwise InvalidRequest names the
+    rule and the nearest valid size.
     """
-    text = size.strip() if size is not None else ("auto" if auto_size else limits.default_size)
-    if text.lower() == "auto":
-        if auto_size is not None:
-            return auto_size
-        text = limits.default_size
+    if size is None:
+        size = "auto" if auto_size else limits.default_size
     try:
-        width, height = parse_size(text)
-        check_size(width, height, limits.size_limits)
+        if isinstance(size, str):
+            if size.strip().lower() == "auto":
+                size = auto_size or limits.default_size
+            if isinstance(size, str):
+                size = ImageSize.parse(size)
+        check_size(size, limits.size_limits)
     except InvalidSize as exc:
         raise InvalidRequest(str(exc)) from None
-    return width, height
+    return size

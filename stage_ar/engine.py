@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 from PIL import Image
+
+from common.sizes import ImageSize
 
 
 @dataclass(frozen=True)
 class ARGenerationRequest:
     """One image's worth of prior tokens to generate."""
 
-    request_id: str
+    job_id: str  # unique among the engine's requests (the bus job id)
     prompt: str
-    height: int  # target size in pixels (from mm_processor_kwargs.target_h / target_w)
-    width: int
+    size: ImageSize  # the target size in pixels (the job's mm_processor_kwargs)
     condition_images: list[Image.Image] = field(default_factory=list)
     # temperature 0 means greedy decoding.
     temperature: float = 0.9
@@ -29,26 +31,22 @@ class ARGenerationRequest:
 class ARGenerationOutput:
     # All generated tokens: preview grid (t2i), target grid, EOS.
     generated_token_ids: np.ndarray
-    # The target grid at d32 resolution, shape (H // 32, W // 32).
+    # The target grid at d32 resolution, shape (rows, cols) of the size's grid.
     prior_token_ids: np.ndarray
-    # One d32 grid per condition image (image-to-image), shape (h, w).
+    # One d32 grid per condition image (image-to-image), shape (rows, cols).
     prior_token_image_ids: list[np.ndarray]
-
-
-class GenerationCancelled(Exception):
-    """Raised by `generate` when the request was aborted."""
 
 
 class AREngine(abc.ABC):
     """Generates GLM-Image prior tokens for requests; implementations may batch internally."""
 
     @abc.abstractmethod
-    async def generate(self, request: ARGenerationRequest) -> ARGenerationOutput:
-        """Generate the exact token count the size needs; grid positions hold only image codes."""
+    async def generate(self, request: ARGenerationRequest,
+                       on_tokens: Callable[[int], None] | None = None) -> ARGenerationOutput:
+        """Generate the exact token count the size needs; grid positions hold only image codes.
 
-    @abc.abstractmethod
-    async def abort(self, request_id: str) -> None:
-        """Stop generating for `request_id`; its `generate` raises GenerationCancelled."""
+        `on_tokens(n)` is called (from any thread) as the count of generated tokens grows.
+        Cancelling the awaiting task stops the generation (at the next token) before it returns."""
 
     async def shutdown(self) -> None:
         """Release engine resources."""

@@ -8,42 +8,46 @@ lock keeps that seeding from interleaving with another request's sampling.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import logging
 import threading
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from transformers import AutoProcessor, GlmImageForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
 
+from common.cancellable import Cancelled, run_cancellable
 from common.sizes import token_layout
-from common.stage_config import EngineArgs
-from stage_ar.engine import AREngine, ARGenerationOutput, ARGenerationRequest, GenerationCancelled
+from common.stage_config import AREngineArgs
+from stage_ar.engine import AREngine, ARGenerationOutput, ARGenerationRequest
 from stage_ar.grid_constraint import ImageGridConstraint
+from stage_ar.scaffold import build_scaffold
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class _CancelOnEvent(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
+    """Stops generation at the next token once `event` is set; reports the token count on the way."""
+
+    def __init__(self, event: threading.Event, prompt_length: int, on_tokens: Callable[[int], None] | None):
+        self.event, self.prompt_length, self.on_tokens = event, prompt_length, on_tokens
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        if self.on_tokens is not None:
+            self.on_tokens(input_ids.shape[1] - self.prompt_length)
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class TransformersAREngine(AREngine):
     """Loads `processor` + `vision_language_encoder` from a GLM-Image folder via `from_pretrained`."""
 
-    def __init__(self, model_path: str | Path, engine_args: EngineArgs, device: str = "cpu"):
+    def __init__(self, model_path: str | Path, engine_args: AREngineArgs, device: str = "cpu"):
         self.device = torch.device(device)
         self.processor = AutoProcessor.from_pretrained(str(model_path), subfolder="processor")
         self.model = GlmImageForConditionalGeneration.from_pretrained(
-            str(model_path), subfolder="vision_language_encoder", dtype=_DTYPES[engine_args.dtype]
+            str(model_path), subfolder="vision_language_encoder", dtype=engine_args.torch_dtype
         ).to(self.device)
         self.model.eval()
         config = self.model.config
@@ -54,49 +58,22 @@ class TransformersAREngine(AREngine):
         self.generation_config = copy.deepcopy(self.model.generation_config)
         self.generation_config.suppress_tokens = []
         self._lock = threading.Lock()
-        self._cancel_events: dict[str, threading.Event] = {}
 
-    async def generate(self, request: ARGenerationRequest) -> ARGenerationOutput:
-        cancel = threading.Event()
-        self._cancel_events[request.request_id] = cancel
-        work = asyncio.ensure_future(asyncio.to_thread(self._generate_blocking, request, cancel))
-        try:
-            return await asyncio.shield(work)
-        except asyncio.CancelledError:
-            # Stop generating at the next token and only then free the slot.
-            cancel.set()
-            await asyncio.gather(work, return_exceptions=True)
-            raise
-        finally:
-            self._cancel_events.pop(request.request_id, None)
-
-    async def abort(self, request_id: str) -> None:
-        event = self._cancel_events.get(request_id)
-        if event is not None:
-            event.set()
-
-    def build_inputs(self, request: ARGenerationRequest):
-        """The scaffold, built by the processor for the target size (as the diffusers pipeline does)."""
-        content = [{"type": "image", "image": img} for img in request.condition_images]
-        content.append({"type": "text", "text": request.prompt})
-        return self.processor.apply_chat_template(
-            [[{"role": "user", "content": content}]],
-            tokenize=True,
-            processor_kwargs={"target_h": request.height, "target_w": request.width},
-            return_dict=True,
-            return_tensors="pt",
-        ).to(self.device)
+    async def generate(self, request: ARGenerationRequest,
+                       on_tokens: Callable[[int], None] | None = None) -> ARGenerationOutput:
+        # Cancelling stops generating at the next token and only then returns (frees the slot).
+        return await run_cancellable(lambda cancel: self._generate_blocking(request, cancel, on_tokens))
 
     @torch.inference_mode()
-    def _generate_blocking(self, request: ARGenerationRequest, cancel: threading.Event) -> ARGenerationOutput:
-        image_to_image = bool(request.condition_images)
-        layout = token_layout(request.height, request.width, image_to_image)
-        inputs = self.build_inputs(request)
+    def _generate_blocking(self, request: ARGenerationRequest, cancel: threading.Event,
+                           on_tokens: Callable[[int], None] | None) -> ARGenerationOutput:
+        layout = token_layout(request.size, image_to_image=bool(request.condition_images))
+        inputs = build_scaffold(self.processor, request.prompt, request.size, request.condition_images).to(self.device)
         grids = inputs["image_grid_thw"].tolist()
         # The processor's target grid comes right after the condition images' grids.
         target_grid = grids[len(request.condition_images)]
-        if target_grid[1:] != [layout.target_h, layout.target_w]:
-            raise RuntimeError(f"processor built a {target_grid[1:]} grid for {request.width}x{request.height}")
+        if target_grid[1:] != [layout.target.rows, layout.target.cols]:
+            raise RuntimeError(f"processor built a {target_grid[1:]} grid for {request.size}")
 
         condition_ids = self._condition_prior_ids(inputs, grids[: len(request.condition_images)])
         prompt_length = inputs["input_ids"].shape[1]
@@ -110,21 +87,21 @@ class TransformersAREngine(AREngine):
             generation_config.top_k = request.top_k
         with self._lock:
             if cancel.is_set():
-                raise GenerationCancelled(request.request_id)
+                raise Cancelled(request.job_id)
             torch.manual_seed(request.seed)
             output = self.model.generate(
                 **inputs,
                 generation_config=generation_config,
                 logits_processor=[constraint],
-                stopping_criteria=StoppingCriteriaList([_CancelOnEvent(cancel)]),
+                stopping_criteria=StoppingCriteriaList([_CancelOnEvent(cancel, prompt_length, on_tokens)]),
             )
         if cancel.is_set():
-            raise GenerationCancelled(request.request_id)
+            raise Cancelled(request.job_id)
         generated = output[0, prompt_length:].cpu().numpy().astype(np.int64)
         if generated.shape[0] != layout.tokens_to_generate:
             raise RuntimeError(f"generated {generated.shape[0]} tokens, expected {layout.tokens_to_generate}")
         start = layout.target_offset
-        prior = generated[start : start + layout.target_tokens].reshape(layout.target_h, layout.target_w)
+        prior = generated[start : start + layout.target.tokens].reshape(layout.target.rows, layout.target.cols)
         return ARGenerationOutput(generated_token_ids=generated, prior_token_ids=prior, prior_token_image_ids=condition_ids)
 
     def _condition_prior_ids(self, inputs, source_grids: list[list[int]]) -> list[np.ndarray]:

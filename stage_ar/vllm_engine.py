@@ -27,18 +27,15 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from common.sizes import token_layout
-from common.stage_config import EngineArgs
-from stage_ar.engine import (
-    AREngine,
-    ARGenerationOutput,
-    ARGenerationRequest,
-    GenerationCancelled,
-)
+from common.stage_config import AREngineArgs
+from stage_ar.engine import AREngine, ARGenerationOutput, ARGenerationRequest
+from stage_ar.scaffold import build_scaffold
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +48,7 @@ class VllmAREngine(AREngine):
     under `if __name__ == "__main__"` or in a function called from it).
     """
 
-    def __init__(self, model_path: str, engine_args: EngineArgs, device: str) -> None:
+    def __init__(self, model_path: str, engine_args: AREngineArgs, device: str) -> None:
         from transformers import AutoProcessor
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -66,7 +63,7 @@ class VllmAREngine(AREngine):
         self._eos = int(config["image_end_token_id"])
         self._image_token_id = int(config["image_token_id"])
         self._device = device  # where the condition-image tokenizer runs
-        self._dtype = engine_args.dtype
+        self._dtype = engine_args.torch_dtype
         self._vision: _ConditionImageTokenizer | None = (
             None  # loaded on the first image-to-image request
         )
@@ -102,20 +99,17 @@ class VllmAREngine(AREngine):
             disable_log_stats=True,
         )
         self._engine = AsyncLLM.from_engine_args(args)
-        self._in_flight: set[str] = set()
-        self._aborted: set[str] = set()
 
-    async def generate(self, request: ARGenerationRequest) -> ARGenerationOutput:
-        """Generate the preview grid (t2i), the target grid and EOS for one request."""
+    async def generate(self, request: ARGenerationRequest,
+                       on_tokens: Callable[[int], None] | None = None) -> ARGenerationOutput:
+        """Generate the preview grid (t2i), the target grid and EOS for one request.
+
+        Cancelling the awaiting task aborts the request in vLLM (AsyncLLM does so when
+        its output stream is closed)."""
         from vllm import SamplingParams
 
-        i2i = bool(request.condition_images)
-        layout = token_layout(request.height, request.width, image_to_image=i2i)
-        self._in_flight.add(request.request_id)
-        try:
-            prompt, cond_grids = await asyncio.to_thread(self._build_prompt, request)
-        finally:
-            self._in_flight.discard(request.request_id)
+        layout = token_layout(request.size, image_to_image=bool(request.condition_images))
+        prompt, cond_grids = await asyncio.to_thread(self._build_prompt, request)
         params = SamplingParams(
             n=1,
             temperature=request.temperature,
@@ -126,42 +120,26 @@ class VllmAREngine(AREngine):
             allowed_token_ids=list(range(self._codebook_size)),
             detokenize=False,
         )
-        rid = request.request_id
         final = None
-        self._in_flight.add(rid)
-        try:
-            if rid in self._aborted:  # aborted while the prompt was being built
-                raise GenerationCancelled(rid)
-            async for out in self._engine.generate(prompt, params, rid):
-                final = out
-            if rid in self._aborted:
-                raise GenerationCancelled(rid)
-        finally:
-            self._in_flight.discard(rid)
-            self._aborted.discard(rid)
+        async for out in self._engine.generate(prompt, params, request.job_id):
+            final = out
+            if on_tokens is not None:
+                on_tokens(len(out.outputs[0].token_ids))
         if final is None or not final.finished:
-            raise GenerationCancelled(request.request_id)
+            raise RuntimeError(f"vLLM ended {request.job_id} unfinished")
         grid = list(final.outputs[0].token_ids)
         if len(grid) != layout.tokens_to_generate - 1:
             raise RuntimeError(
-                f"vLLM returned {len(grid)} tokens for {request.request_id}, "
+                f"vLLM returned {len(grid)} tokens for {request.job_id}, "
                 f"expected {layout.tokens_to_generate - 1}"
             )
         tokens = np.asarray(grid + [self._eos], dtype=np.int64)
-        target = tokens[
-            layout.target_offset : layout.target_offset + layout.target_tokens
-        ]
+        target = tokens[layout.target_offset : layout.target_offset + layout.target.tokens]
         return ARGenerationOutput(
             generated_token_ids=tokens,
-            prior_token_ids=target.reshape(layout.target_h, layout.target_w),
+            prior_token_ids=target.reshape(layout.target.rows, layout.target.cols),
             prior_token_image_ids=cond_grids,
         )
-
-    async def abort(self, request_id: str) -> None:
-        """Abort `request_id` in vLLM; its pending `generate` raises GenerationCancelled."""
-        if request_id in self._in_flight:
-            self._aborted.add(request_id)
-            await self._engine.abort(request_id)
 
     async def shutdown(self) -> None:
         engine, self._engine = self._engine, None
@@ -174,18 +152,7 @@ class VllmAREngine(AREngine):
     def _build_prompt(
         self, request: ARGenerationRequest
     ) -> tuple[dict, list[np.ndarray]]:
-        content = [{"type": "image", "image": img} for img in request.condition_images]
-        content.append({"type": "text", "text": request.prompt})
-        # A batch of one conversation, as the diffusers pipeline calls it: for an
-        # unbatched conversation the processor leaves the condition grids out of
-        # image_grid_thw.
-        inputs = self._processor.apply_chat_template(
-            [[{"role": "user", "content": content}]],
-            tokenize=True,
-            processor_kwargs={"target_h": request.height, "target_w": request.width},
-            return_dict=True,
-            return_tensors="pt",
-        )
+        inputs = build_scaffold(self._processor, request.prompt, request.size, request.condition_images)
         ids = inputs["input_ids"][0].tolist()
         if not request.condition_images:
             return {"prompt_token_ids": ids}, []
@@ -252,7 +219,7 @@ class _ConditionImageTokenizer:
     transformers engine), without the ~9B decoder, which lives in vLLM.
     """
 
-    def __init__(self, ar_dir: Path, dtype: str, device: str) -> None:
+    def __init__(self, ar_dir: Path, torch_dtype: torch.dtype, device: str) -> None:
         from safetensors import safe_open
         from transformers import AutoConfig
         from transformers.models.glm_image.modeling_glm_image import (
@@ -260,11 +227,6 @@ class _ConditionImageTokenizer:
             GlmImageVQVAE,
         )
 
-        torch_dtype = {
-            "float32": torch.float32,
-            "bfloat16": torch.bfloat16,
-            "float16": torch.float16,
-        }[dtype]
         config = AutoConfig.from_pretrained(str(ar_dir))
         self.device = torch.device(device)
         self.visual = GlmImageVisionModel._from_config(

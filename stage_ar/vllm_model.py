@@ -60,8 +60,6 @@ from vllm.multimodal.processing import (
 )
 from vllm.sequence import IntermediateTensors
 
-ARCHITECTURE = "GlmImageForConditionalGeneration"
-
 # --- decode-position encoding (see module docstring) ---
 # vLLM keeps positions and deltas in int32, so a decode position is
 # FLAG | layout_id << INDEX_BITS | index, with the layout (grid start position and

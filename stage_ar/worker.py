@@ -11,10 +11,10 @@ from PIL import Image
 
 from common.metrics import WorkerMetrics
 from common.protocol import ARJob, ARResult, JobRequest, Stage
-from common.sizes import SIZE_MULTIPLE
+from common.sizes import Grid, ImageSize, token_layout
 from common.stage_config import ARStageConfig
 from common.worker_main import WorkerOptions, serve_stage_worker
-from common.worker_runtime import JobRejected
+from common.worker_runtime import JobProgressReporter, JobRejected
 from stage_ar.engine import AREngine, ARGenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -40,42 +40,44 @@ class ARStageHandler:
     async def close(self) -> None:
         await self.engine.shutdown()
 
-    async def run(self, job: JobRequest) -> tuple[ARResult, dict[str, float]]:
+    async def run(self, job: JobRequest, progress: JobProgressReporter) -> tuple[ARResult, dict[str, float]]:
         ar = job.payload
         if not isinstance(ar, ARJob):
             raise JobRejected(f"AR worker got a {ar.stage} job")
-        size = ar.prompt.mm_processor_kwargs
-        if size.target_h % SIZE_MULTIPLE or size.target_w % SIZE_MULTIPLE or min(size.target_h, size.target_w) <= 0:
-            raise JobRejected(f"target size {size.target_w}x{size.target_h} is not a positive multiple of {SIZE_MULTIPLE}")
+        size = ar.prompt.mm_processor_kwargs.size
+        if not size.on_grid:
+            raise JobRejected(f"target size {size} is not a positive multiple of 32 on both sides")
         try:
             images = [Image.open(io.BytesIO(b)).convert("RGB") for b in ar.prompt.images]
         except Exception as exc:
             raise JobRejected(f"condition image is not a decodable image: {exc}") from exc
         request = ARGenerationRequest(
-            request_id=job.job_id,
+            job_id=job.job_id,
             prompt=ar.prompt.prompt,
-            height=size.target_h,
-            width=size.target_w,
+            size=size,
             condition_images=images,
             temperature=ar.sampling.temperature,
             top_p=ar.sampling.top_p,
             top_k=ar.sampling.top_k,
             seed=ar.sampling.seed,
         )
+        total = token_layout(size, image_to_image=bool(images)).tokens_to_generate
+        on_tokens = (lambda done: progress.steps(done, total)) if progress.wants_steps else None
         started = time.monotonic()
-        output = await self.engine.generate(request)
+        output = await self.engine.generate(request, on_tokens)
         elapsed = time.monotonic() - started
         n_tokens = int(output.generated_token_ids.shape[0])
         self.metrics.tokens.inc(n_tokens)
-        grid_h, grid_w = output.prior_token_ids.shape
+        # Report the size the grid really has, so the router can check it against the request.
+        used = ImageSize.of_grid(Grid(*output.prior_token_ids.shape))
         result = ARResult(
             prior_token_ids=np.ascontiguousarray(output.prior_token_ids, dtype=np.int64),
             prior_token_image_ids=[np.ascontiguousarray(g, dtype=np.int64) for g in output.prior_token_image_ids],
-            target_h=grid_h * SIZE_MULTIPLE,
-            target_w=grid_w * SIZE_MULTIPLE,
-            num_generated_tokens=n_tokens,
+            height=used.height,
+            width=used.width,
         )
-        logger.info("[%s] %d tokens in %.2fs (%.0f tok/s)", job.request_id, n_tokens, elapsed, n_tokens / max(elapsed, 1e-9))
+        logger.info("[%s] job %s: %d tokens in %.2fs (%.0f tok/s)", job.log_tag, job.job_id, n_tokens, elapsed,
+                    n_tokens / max(elapsed, 1e-9))
         return result, {"ar_s": elapsed}
 
 

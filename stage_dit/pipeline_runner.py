@@ -2,8 +2,9 @@
 
 The pipeline is loaded with `vision_language_encoder=None, processor=None`;
 passing `prior_token_ids` skips its own AR call. The size comes from the
-`original_prompt` and must agree with the prior grid the AR stage produced:
-a mismatch is an error, never a silent fallback to 1024x1024.
+`original_prompt` (whose two copies of the size were checked to agree when the
+job was decoded) and must agree with the prior grid the AR stage produced: a
+mismatch is an error, never a silent fallback to 1024x1024.
 """
 
 from __future__ import annotations
@@ -15,25 +16,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import GlmImagePipeline
 from PIL import Image
 
+from common.cancellable import Cancelled
+from common.image_formats import OutputFormat, encode_image
 from common.protocol import DiTJob, DiTResult
-from common.sizes import SIZE_MULTIPLE
-from common.stage_config import EngineArgs
+from common.sizes import Grid, ImageSize
+from common.stage_config import DiTEngineArgs
+from common.worker_runtime import JobProgressReporter
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_PIL_FORMATS = {"png": ("PNG", {}), "jpeg": ("JPEG", {"quality": 95}), "webp": ("WEBP", {"quality": 95})}
 
 
 class DiTInputError(ValueError):
     """The job is inconsistent (sizes disagree between stages); retrying will not help."""
-
-
-class DenoiseCancelled(Exception):
-    """The job was cancelled; the pipeline stopped at the next denoising step."""
 
 
 def upsample_grid(grid: np.ndarray) -> torch.Tensor:
@@ -45,21 +43,23 @@ def upsample_grid(grid: np.ndarray) -> torch.Tensor:
 class DiTPipelineRunner:
     """Runs one DiT job at a time on its device; `run` is blocking (call it from a thread)."""
 
-    def __init__(self, model_path: str | Path, engine_args: EngineArgs, device: str = "cpu"):
+    def __init__(self, model_path: str | Path, engine_args: DiTEngineArgs, device: str = "cpu"):
         self.device = torch.device(device)
         self.pipe = GlmImagePipeline.from_pretrained(
             str(model_path),
             vision_language_encoder=None,
             processor=None,
-            dtype=_DTYPES[engine_args.dtype],
+            dtype=engine_args.torch_dtype,
         ).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         # The pipeline keeps per-call state on itself (guidance scale, interrupt flag).
         self._lock = threading.Lock()
 
-    def run(self, job: DiTJob, cancel: threading.Event) -> DiTResult:
+    def run(self, job: DiTJob, cancel: threading.Event, progress: JobProgressReporter | None = None) -> DiTResult:
+        """Denoise and decode one image. Stops at the next step once `cancel` is set; reports
+        steps done and the previews the job asks for to `progress`."""
         op = job.original_prompt
-        height, width = self._checked_size(job)
+        size = self._checked_size(job)
         prior = upsample_grid(job.prior_token_ids)[None, :].to(self.device)
         images = [Image.open(io.BytesIO(b)).convert("RGB") for b in op.condition_images]
         prior_image_ids = source_grids = None
@@ -69,61 +69,94 @@ class DiTPipelineRunner:
                     f"{len(images)} condition images but {len(job.prior_token_image_ids)} condition prior grids"
                 )
             for img, grid in zip(images, job.prior_token_image_ids):
-                if (img.height // SIZE_MULTIPLE, img.width // SIZE_MULTIPLE) != grid.shape:
+                if ImageSize(*img.size).grid != Grid(*grid.shape):
                     raise DiTInputError(f"condition image {img.width}x{img.height} does not match prior grid {grid.shape}")
             prior_image_ids = [torch.cat([upsample_grid(g) for g in job.prior_token_image_ids]).to(self.device)]
             source_grids = [torch.tensor([[1, 2 * g.shape[0], 2 * g.shape[1]] for g in job.prior_token_image_ids])]
 
-        def stop_when_cancelled(pipe, step, timestep, callback_kwargs):
-            if cancel.is_set():
-                pipe._interrupt = True  # the pipeline skips the remaining steps
-            return callback_kwargs
-
+        watcher = _StepWatcher(self, job, cancel, progress)
         with self._lock:
             if cancel.is_set():
-                raise DenoiseCancelled()
+                raise Cancelled()
             generator = torch.Generator(device=self.device).manual_seed(op.seed)
             output = self.pipe(
                 prompt=op.prompt,
                 image=images or None,
-                height=height,
-                width=width,
+                height=size.height,
+                width=size.width,
                 num_inference_steps=op.num_inference_steps,
                 guidance_scale=op.guidance_scale,
                 generator=generator,
                 prior_token_ids=prior,
                 prior_token_image_ids=prior_image_ids,
                 source_image_grid_thw=source_grids,
-                callback_on_step_end=stop_when_cancelled,
+                callback_on_step_end=watcher,
                 output_type="pil",
             )
         if cancel.is_set():
-            raise DenoiseCancelled()
+            raise Cancelled()
         image = output.images[0]
-        if image.size != (width, height):
-            raise RuntimeError(f"pipeline produced {image.size[0]}x{image.size[1]}, expected {width}x{height}")
-        return DiTResult(image=encode_image(image, op.output_format), output_format=op.output_format, height=height, width=width)
+        if ImageSize(*image.size) != size:
+            raise RuntimeError(f"pipeline produced {image.size[0]}x{image.size[1]}, expected {size}")
+        return DiTResult(image=encode_image(image, op.output_format, op.output_compression), output_format=op.output_format,
+                         height=size.height, width=size.width)
+
+    @torch.inference_mode()
+    def decode_preview(self, latents: torch.Tensor, output_format: OutputFormat) -> bytes:
+        """A quick look at `latents`: decoded by the VAE at half resolution (from 512 pixels up)."""
+        if min(latents.shape[-2:]) >= 64:
+            latents = F.avg_pool2d(latents, 2)
+        vae = self.pipe.vae
+        shape = (1, vae.config.latent_channels, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, vae.dtype)
+        std = torch.tensor(vae.config.latents_std).view(shape).to(latents.device, vae.dtype)
+        image = vae.decode(latents.to(vae.dtype) * std + mean, return_dict=False)[0]
+        return encode_image(self.pipe.image_processor.postprocess(image, output_type="pil")[0], output_format)
 
     @staticmethod
-    def _checked_size(job: DiTJob) -> tuple[int, int]:
-        op = job.original_prompt
-        mm = op.mm_processor_kwargs
-        if (mm.target_h, mm.target_w) != (op.height, op.width):
+    def _checked_size(job: DiTJob) -> ImageSize:
+        size = job.original_prompt.size
+        grid = Grid(*job.prior_token_ids.shape) if job.prior_token_ids.ndim == 2 else None
+        if not size.on_grid or grid != size.grid:
             raise DiTInputError(
-                f"original_prompt disagrees with itself: height/width {op.height}x{op.width} "
-                f"vs mm_processor_kwargs {mm.target_h}x{mm.target_w}"
+                f"prior grid {tuple(job.prior_token_ids.shape)} does not fit size {size} "
+                f"(needs {size.grid.rows}x{size.grid.cols})"
             )
-        expected = (op.height // SIZE_MULTIPLE, op.width // SIZE_MULTIPLE)
-        if op.height % SIZE_MULTIPLE or op.width % SIZE_MULTIPLE or tuple(job.prior_token_ids.shape) != expected:
-            raise DiTInputError(
-                f"prior grid {tuple(job.prior_token_ids.shape)} does not fit size {op.width}x{op.height} "
-                f"(needs {expected[0]}x{expected[1]})"
-            )
-        return op.height, op.width
+        return size
 
 
-def encode_image(image: Image.Image, output_format: str) -> bytes:
-    fmt, options = _PIL_FORMATS[output_format]
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **options)
-    return buf.getvalue()
+class _StepWatcher:
+    """The pipeline's step-end callback: stops on cancel, reports steps, makes previews.
+
+    A preview is the predicted clean latent after step i. The flow-matching Euler step is
+    x[i+1] = x[i] + (sigma[i+1] - sigma[i]) * v, and the clean estimate is x0 = x - sigma * v,
+    so from the latents before and after step i the callback recovers v, then x0, without
+    touching the denoising itself (the final image is the same with or without previews).
+    Step 0 has no "before" here, so previews start at step 1.
+    """
+
+    def __init__(self, runner: DiTPipelineRunner, job: DiTJob, cancel: threading.Event,
+                 progress: JobProgressReporter | None):
+        self.runner, self.cancel, self.progress = runner, cancel, progress
+        self.total = job.original_prompt.num_inference_steps
+        self.output_format = job.original_prompt.output_format
+        self.preview_steps = sorted(step for step in set(job.preview_steps) if 1 <= step < self.total)
+        self.previous: torch.Tensor | None = None  # latents before a preview step
+        self.previews_sent = 0
+
+    def __call__(self, pipe, step: int, sigma, callback_kwargs: dict) -> dict:
+        if self.cancel.is_set():
+            pipe._interrupt = True  # the pipeline skips the remaining steps
+            return callback_kwargs
+        latents = callback_kwargs["latents"]
+        if step in self.preview_steps and self.previous is not None and self.progress is not None:
+            sigmas = pipe.scheduler.sigmas
+            velocity = (latents - self.previous) / (sigmas[step + 1] - sigmas[step])
+            clean = latents - sigmas[step + 1] * velocity
+            preview = self.runner.decode_preview(clean, self.output_format)
+            self.progress.preview(self.previews_sent, preview, step + 1, self.total)
+            self.previews_sent += 1
+        self.previous = latents.clone() if step + 1 in self.preview_steps else None
+        if self.progress is not None:
+            self.progress.steps(step + 1, self.total)
+        return callback_kwargs

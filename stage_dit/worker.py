@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 import time
 
+from common.cancellable import run_cancellable
 from common.protocol import DiTJob, DiTResult, JobRequest, Stage
 from common.worker_main import WorkerOptions, serve_stage_worker
-from common.worker_runtime import JobRejected
-from stage_dit.pipeline_runner import DenoiseCancelled, DiTInputError, DiTPipelineRunner
+from common.worker_runtime import JobProgressReporter, JobRejected
+from stage_dit.pipeline_runner import DiTInputError, DiTPipelineRunner
 
 logger = logging.getLogger(__name__)
 
@@ -19,24 +18,16 @@ class DiTStageHandler:
     def __init__(self, runner: DiTPipelineRunner):
         self.runner = runner
 
-    async def run(self, job: JobRequest) -> tuple[DiTResult, dict[str, float]]:
+    async def run(self, job: JobRequest, progress: JobProgressReporter) -> tuple[DiTResult, dict[str, float]]:
         dit = job.payload
         if not isinstance(dit, DiTJob):
             raise JobRejected(f"DiT worker got a {dit.stage} job")
-        cancel = threading.Event()
         started = time.monotonic()
-        work = asyncio.ensure_future(asyncio.to_thread(self.runner.run, dit, cancel))
         try:
-            result = await asyncio.shield(work)
-        except asyncio.CancelledError:
-            # Stop at the next denoising step, and only then free the slot.
-            cancel.set()
-            await asyncio.gather(work, return_exceptions=True)
-            raise
+            # Cancelling stops at the next denoising step, and only then frees the slot.
+            result = await run_cancellable(lambda cancel: self.runner.run(dit, cancel, progress))
         except DiTInputError as exc:
             raise JobRejected(str(exc)) from exc
-        except DenoiseCancelled:
-            raise asyncio.CancelledError() from None
         return result, {"dit_s": time.monotonic() - started}
 
 

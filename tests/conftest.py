@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from launch.local_cluster import Cluster
 from launch.tiny_model import build_tiny_model
-from tests.cluster import Cluster
+
+# The shared assert helpers get pytest's detailed failure messages too (before any test imports them).
+pytest.register_assert_rewrite("tests.helpers")
 
 ROOT = Path(__file__).resolve().parent.parent
 

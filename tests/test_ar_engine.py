@@ -11,9 +11,10 @@ import torch
 from diffusers import GlmImagePipeline
 from PIL import Image
 
-from common.sizes import token_layout
-from common.stage_config import EngineArgs
-from stage_ar.engine import ARGenerationRequest, GenerationCancelled
+from common.sizes import ImageSize, token_layout
+from common.stage_config import AREngineArgs
+from stage_ar.engine import ARGenerationRequest
+from stage_ar.scaffold import build_scaffold
 from stage_ar.transformers_engine import TransformersAREngine
 
 PROMPT = 'a cat holding a sign that says "GLM"'
@@ -21,7 +22,7 @@ PROMPT = 'a cat holding a sign that says "GLM"'
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    return TransformersAREngine(tiny_model, EngineArgs(dtype="float32"))
+    return TransformersAREngine(tiny_model, AREngineArgs(dtype="float32"))
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +35,12 @@ def _cond(w, h, seed):
 
 
 def _request(w, h, images=(), seed=7, **kw):
-    return ARGenerationRequest(request_id=f"r{seed}", prompt=PROMPT, height=h, width=w, condition_images=list(images), temperature=0.9, top_p=0.75, top_k=136, seed=seed, **kw)
+    return ARGenerationRequest(job_id=f"r{seed}", prompt=PROMPT, size=ImageSize(width=w, height=h), condition_images=list(images), temperature=0.9, top_p=0.75, top_k=136, seed=seed, **kw)
 
 
 def test_random_weights_without_the_constraint_would_emit_non_codes(engine):
     """Why constrained decoding matters: unconstrained sampling leaves the codebook."""
-    inputs = engine.build_inputs(_request(256, 256))
+    inputs = build_scaffold(engine.processor, PROMPT, ImageSize(256, 256), [])
     config = copy.deepcopy(engine.generation_config)
     config.update(max_new_tokens=200, min_new_tokens=200, do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
     torch.manual_seed(0)
@@ -51,7 +52,7 @@ def test_random_weights_without_the_constraint_would_emit_non_codes(engine):
 def test_grid_holds_only_codes_and_the_count_is_exact(engine, w, h, n_images):
     images = [_cond(256 + 32 * i, 256, i) for i in range(n_images)]
     out = asyncio.run(engine.generate(_request(w, h, images)))
-    layout = token_layout(h, w, image_to_image=bool(images))
+    layout = token_layout(ImageSize(width=w, height=h), image_to_image=bool(images))
     assert out.generated_token_ids.shape == (layout.tokens_to_generate,)
     assert out.generated_token_ids[-1] == engine.eos_token_id
     assert out.generated_token_ids[:-1].max() < engine.codebook_size
@@ -74,19 +75,21 @@ def test_same_tokens_as_the_pipelines_own_ar(engine, pipe, n_images):
 
 
 def test_greedy_is_deterministic_regardless_of_seed(engine):
-    a = asyncio.run(engine.generate(ARGenerationRequest(request_id="g1", prompt=PROMPT, height=256, width=256, temperature=0, seed=1)))
-    b = asyncio.run(engine.generate(ARGenerationRequest(request_id="g2", prompt=PROMPT, height=256, width=256, temperature=0, seed=2)))
+    a = asyncio.run(engine.generate(ARGenerationRequest(job_id="g1", prompt=PROMPT, size=ImageSize(256, 256), temperature=0, seed=1)))
+    b = asyncio.run(engine.generate(ARGenerationRequest(job_id="g2", prompt=PROMPT, size=ImageSize(256, 256), temperature=0, seed=2)))
     np.testing.assert_array_equal(a.generated_token_ids, b.generated_token_ids)
 
 
-def test_abort_stops_generation(engine):
+def test_cancelling_generate_stops_the_generation(engine):
     async def run():
-        # 2048x2048 is 4353 tokens: far longer than the abort takes to land.
-        task = asyncio.create_task(engine.generate(ARGenerationRequest(request_id="abort-me", prompt=PROMPT, height=2048, width=2048)))
-        while "abort-me" not in engine._cancel_events:  # generate() has registered the request
+        # 2048x2048 is 4353 tokens: far longer than the cancellation takes to land.
+        task = asyncio.create_task(engine.generate(ARGenerationRequest(job_id="cancel-me", prompt=PROMPT, size=ImageSize(2048, 2048))))
+        while not engine._lock.locked():  # generation has started in its thread
             await asyncio.sleep(0.01)
-        await engine.abort("abort-me")
-        with pytest.raises(GenerationCancelled):
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, timeout=30)
+        # generate() returns only once the thread has stopped generating.
+        assert not engine._lock.locked()
 
     asyncio.run(run())

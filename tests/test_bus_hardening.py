@@ -8,18 +8,16 @@ The codec's limits are also checked directly on hand-made frames.
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 import uuid
 
-import msgpack
 import numpy as np
 import pytest
 import zmq
-from PIL import Image
 
 from common.protocol import (
+    MAX_HEADER_BYTES,
     PROTOCOL_VERSION,
     ARResult,
     DiTResult,
@@ -28,69 +26,36 @@ from common.protocol import (
     JobError,
     JobResult,
     ProtocolError,
+    RegistrationRefused,
     RouterPing,
     Stage,
     WorkerInfo,
     decode,
     encode,
 )
-from tests.cluster import Cluster, image_bytes, write_stage_config
+from common.stage_config import load_stage_config
+from launch.local_cluster import Cluster, generate, write_stage_config
+from tests.helpers import BAD_VERSION, GARBAGE, cluster_with, header, metric, response_image
 
 MAX_MESSAGE_BYTES = 1 << 20
 
 
-def header(body, version=PROTOCOL_VERSION) -> bytes:
-    return msgpack.packb({"v": version, "body": body}, use_bin_type=True)
-
-
-def heartbeat(worker_id: str, stage: str = "ar", **info) -> Heartbeat:
-    return Heartbeat(info=WorkerInfo(worker_id=worker_id, stage=Stage(stage), model="fake", capacity=1, pid=1, host="fake", **info))
-
-
-# Each entry: (what it is, frames). None of them is a valid message.
-GARBAGE: list[tuple[str, list[bytes]]] = [
-    ("random bytes", [b"\x93\xff\x00garbage\xc1\xc1"]),
-    ("empty frame", [b""]),
-    ("msgpack list, not a map", [msgpack.packb([1, 2, 3])]),
-    ("map without version", [msgpack.packb({"body": {}})]),
-    ("wrong protocol version", [header(heartbeat("fake-v").model_dump(mode="json"), version=PROTOCOL_VERSION + 41)]),
-    ("version of the wrong type", [header({}, version=[1])]),
-    ("unknown message type", [header({"type": "launch_missiles", "target": "router"})]),
-    ("msgpack extension type", [msgpack.packb({"v": 1, "body": msgpack.ExtType(42, b"boom")})]),
-    ("bytes inside the header", [msgpack.packb({"v": 1, "body": {"type": "goodbye", "worker_id": b"x" * 10}}, use_bin_type=True)]),
-    ("pickle-looking payload", [b"\x80\x04\x95cos\nsystem\n(S'echo pwned'\ntR."]),
-    ("unhashable dtype", [header({"type": "result", "x": {"__frame__": 1, "dtype": [1]}}), b"x"]),
-    ("dtype object", [header({"type": "result", "x": {"__frame__": 1, "dtype": "object", "shape": [1]}}), b"x" * 8]),
-    ("frame index out of range", [header({"type": "goodbye", "worker_id": {"__frame__": 7}})]),
-    ("array frame of the wrong size", [header({"type": "result", "x": {"__frame__": 1, "dtype": "int64", "shape": [1000, 1000]}}), b"x" * 8]),
-    ("absurd array shape", [header({"type": "result", "x": {"__frame__": 1, "dtype": "int64", "shape": [2**62, 2**62]}}), b"x"]),
-    ("too many frames", [header({"type": "goodbye", "worker_id": "x"})] + [b"f"] * 100),
-    ("deeply nested lists", [b"\x82\xa1v\x01\xa4body" + b"\x91" * 5000 + b"\xc0"]),
-    ("deeply nested maps", [b"\x82\xa1v\x01\xa4body" + b"\x81\xa1a" * 3000 + b"\xc0"]),
-    ("heartbeat missing fields", [header({"type": "heartbeat", "info": {"worker_id": "fake"}})]),
-    ("heartbeat with capacity 0", [header({"type": "heartbeat", "info": {"worker_id": "fake-1", "stage": "ar", "model": "m",
-                                                                         "capacity": 0, "pid": 1, "host": "h"}})]),
-    ("heartbeat with an unknown stage", [header({"type": "heartbeat", "info": {"worker_id": "fake-1", "stage": "vae", "model": "m",
-                                                                               "capacity": 1, "pid": 1, "host": "h"}})]),
-    ("extra field", [header({"type": "goodbye", "worker_id": "fake-1", "rm_rf": True})]),
-]
+def heartbeat(worker_id: str, stage: str = "ar", fingerprint: str = "unknown") -> Heartbeat:
+    return Heartbeat(info=WorkerInfo(worker_id=worker_id, stage=Stage(stage), model="fake", capacity=1, pid=1, host="fake",
+                                     config_fingerprint=fingerprint))
 
 
 class TestCodecLimits:
-    """decode() on hand-made frames: every bad input is a ProtocolError, never another exception."""
-
-    @pytest.mark.parametrize("what,frames", GARBAGE, ids=[g[0] for g in GARBAGE])
-    def test_garbage_is_a_protocol_error(self, what, frames):
-        with pytest.raises(ProtocolError):
-            decode(frames)
+    """decode() on hand-made frames: every bad input is a ProtocolError, never another exception.
+    (The table of garbage frames, `tests.helpers.GARBAGE`, is decoded in test_protocol.py.)"""
 
     def test_oversized_header_is_refused_before_parsing(self):
         with pytest.raises(ProtocolError, match="exceeds"):
-            decode([b"\xc0" * ((1 << 20) + 1)])
+            decode([b"\xc0" * (MAX_HEADER_BYTES + 1)])
 
     def test_valid_messages_round_trip(self):
         result = JobResult(job_id="j", worker_id="w", payload=ARResult(
-            prior_token_ids=np.arange(12, dtype=np.int64).reshape(3, 4), target_h=96, target_w=128, num_generated_tokens=13))
+            prior_token_ids=np.arange(12, dtype=np.int64).reshape(3, 4), height=96, width=128))
         back = decode([bytes(f) for f in encode(result)])
         assert isinstance(back, JobResult) and back.payload.prior_token_ids.tolist() == np.arange(12).reshape(3, 4).tolist()
         assert isinstance(decode([bytes(f) for f in encode(heartbeat("w"))]), Heartbeat)
@@ -102,9 +67,7 @@ class TestCodecLimits:
 
 @pytest.fixture(scope="module")
 def hardened(tiny_model, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("bus")
-    config = write_stage_config(workdir, {"bus": {"max_message_bytes": MAX_MESSAGE_BYTES}})
-    with Cluster(model=tiny_model, workdir=workdir, stage_config=config) as c:
+    with cluster_with(tiny_model, tmp_path_factory, "bus", {"bus": {"max_message_bytes": MAX_MESSAGE_BYTES}}) as c:
         yield c
 
 
@@ -136,6 +99,11 @@ class FakeWorker:
         self.ctx.term()
 
 
+def fingerprint(cluster: Cluster) -> str:
+    """The stage-config fingerprint the cluster's router accepts."""
+    return load_stage_config(cluster.stage_config).fingerprint()
+
+
 def router_is_healthy(cluster: Cluster) -> None:
     assert cluster.procs["router"].alive(), cluster.logs_tail()
     log = cluster.procs["router"].log()
@@ -145,19 +113,20 @@ def router_is_healthy(cluster: Cluster) -> None:
 
 def test_garbage_from_a_fake_worker_is_dropped(hardened):
     start = len(hardened.procs["router"].log())
+    sendable = [g.frames for g in GARBAGE if g.frames]  # ZeroMQ has no message of no frames
     fake = FakeWorker(hardened.bus_address, b"fake-1")
     try:
-        for _, frames in GARBAGE:
+        for frames in sendable:
             fake.send(frames)
         # Forgeries: someone else's registration and deregistration, and replies to jobs nobody sent.
-        fake.send(encode(heartbeat("ar-0", stage="dit")))
+        fake.send(encode(heartbeat("ar-0", stage="dit", fingerprint=fingerprint(hardened))))
         fake.send(encode(Goodbye(worker_id="dit-0")))
         fake.send(encode(JobResult(job_id="no-such-job", worker_id="fake-1",
                                    payload=DiTResult(image=b"not a png", output_format="png", height=256, width=256))))
         fake.send(encode(JobError(job_id="no-such-job", worker_id="ar-0", code="internal", message="bogus")))
-        fake.send(encode(RouterPing(router_id="i am a router")))
+        fake.send(encode(RouterPing()))
         # A valid heartbeat afterwards still gets through: the receive loop is alive.
-        fake.send(encode(heartbeat("fake-1")))
+        fake.send(encode(heartbeat("fake-1", fingerprint=fingerprint(hardened))))
         fake.expect_ping()
         hardened.wait_for_workers(2, 1, timeout=10)
         fake.send(encode(Goodbye(worker_id="fake-1")))
@@ -166,8 +135,8 @@ def test_garbage_from_a_fake_worker_is_dropped(hardened):
     finally:
         fake.close()
     log = hardened.procs["router"].log()[start:]
-    assert log.count("dropping malformed message") >= len(GARBAGE), log[-4000:]
-    assert "protocol version 42 is not 1" in log
+    assert log.count("dropping malformed message") >= len(sendable), log[-4000:]
+    assert f"protocol version {BAD_VERSION} is not {PROTOCOL_VERSION}" in log
     assert "heartbeat for ar-0 from identity b'fake-1' dropped" in log
     assert "dropping late or duplicate reply for job no-such-job" in log
     assert "dropping unexpected RouterPing" in log
@@ -184,7 +153,7 @@ def test_oversized_frame_disconnects_only_that_peer(hardened):
     # A fresh peer is still served, and the real workers were not touched.
     probe = FakeWorker(hardened.bus_address, b"fake-2")
     try:
-        probe.send(encode(heartbeat("fake-2")))
+        probe.send(encode(heartbeat("fake-2", fingerprint=fingerprint(hardened))))
         probe.expect_ping()
         probe.send(encode(Goodbye(worker_id="fake-2")))
         hardened.wait_for_workers(1, 1, timeout=10, exact=True)
@@ -198,13 +167,14 @@ def test_forged_results_for_an_in_flight_job_are_dropped(hardened):
     rid = f"forge-{uuid.uuid4().hex[:6]}"
     start = len(hardened.procs["router"].log())
     box: dict = {}
-    client = threading.Thread(target=lambda: box.update(r=_generate_with_id(hardened.url, rid)))
+    client = threading.Thread(target=lambda: box.update(r=generate(hardened.url, seed=5, headers={"X-Request-Id": rid})))
     client.start()
     fake = FakeWorker(hardened.bus_address, b"fake-3")
     try:
-        job = hardened.wait_for_log("router", rf"job=({rid}-[0-9a-f]+)", timeout=30, start=start).group(1)
-        ar_job = f"{job}.0.ar.0"
-        forged = ARResult(prior_token_ids=np.zeros((8, 8), dtype=np.int64), target_h=256, target_w=256, num_generated_tokens=1)
+        # The router logs its own request id next to the client's X-Request-Id.
+        request_id = hardened.wait_for_log("router", rf"\[([0-9a-f]+) client={rid}\]", timeout=30, start=start).group(1)
+        ar_job = f"{request_id}.0.ar.0"
+        forged = ARResult(prior_token_ids=np.zeros((8, 8), dtype=np.int64), height=256, width=256)
         for worker_id in ("ar-0", "fake-3"):  # spoofing the real worker's id, and under its own
             fake.send(encode(JobResult(job_id=ar_job, worker_id=worker_id, payload=forged)))
             fake.send(encode(JobError(job_id=ar_job, worker_id=worker_id, code="bad_request", message="forged")))
@@ -214,15 +184,40 @@ def test_forged_results_for_an_in_flight_job_are_dropped(hardened):
     assert not client.is_alive(), "request hung"
     response = box["r"]
     assert response.status_code == 200, response.text
-    image = Image.open(io.BytesIO(image_bytes(response)[0]))
-    assert image.size == (256, 256)
+    assert response_image(response).size == (256, 256)
     log = hardened.procs["router"].log()[start:]
     assert log.count(f"dropping late or duplicate reply for job {ar_job}") == 4, log[-3000:]
     router_is_healthy(hardened)
 
 
-def _generate_with_id(url: str, request_id: str):
-    import httpx
 
-    body = {"prompt": "a red cube", "size": "256x256", "num_inference_steps": 1, "seed": 5}
-    return httpx.post(f"{url}/v1/images/generations", json=body, headers={"X-Request-Id": request_id}, timeout=180)
+def test_a_worker_with_another_stage_config_is_refused(hardened):
+    """Config drift: a worker whose stage config differs is told why, never registered, and counted."""
+    start = len(hardened.procs["router"].log())
+    fake = FakeWorker(hardened.bus_address, b"fake-drift")
+    try:
+        fake.send(encode(heartbeat("fake-drift", fingerprint="0123456789abcdef")))
+        deadline = time.monotonic() + 10
+        refusal = None
+        while refusal is None and time.monotonic() < deadline:
+            if fake.sock.poll(int(max(0.0, deadline - time.monotonic()) * 1000)):
+                message = decode(fake.sock.recv_multipart())
+                assert not isinstance(message, RouterPing), "a refused worker must not be pinged as registered"
+                if isinstance(message, RegistrationRefused):
+                    refusal = message
+        assert refusal is not None, "no RegistrationRefused"
+        assert "0123456789abcdef" in refusal.reason and fingerprint(hardened) in refusal.reason
+        hardened.wait_for_log("router", r"refusing ar worker fake-drift", timeout=10, start=start)
+        assert hardened.live_workers() == {"ar": 1, "dit": 1}
+    finally:
+        fake.close()
+    assert metric(hardened, 'glm_router_workers_refused_total{reason="config_mismatch"}') == 1
+    router_is_healthy(hardened)
+
+
+def test_a_real_worker_started_with_another_stage_config_exits_with_the_reason(hardened, tmp_path):
+    drifted = write_stage_config(tmp_path, {"stage_args": [{"default_sampling_params": {"top_k": 16}}]})
+    proc = hardened.start_worker("ar", "ar-drifted", extra=["--stage-config", str(drifted)])
+    assert proc.popen.wait(timeout=120) != 0
+    assert "the router refused this worker" in proc.log() and "--stage-config" in proc.log()
+    assert hardened.live_workers() == {"ar": 1, "dit": 1}

@@ -17,7 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.cluster import Cluster, generate, image_bytes, write_stage_config
+from common.stage_config import load_stage_config
+from launch.local_cluster import Cluster, generate, image_bytes, write_stage_config
+from tests.helpers import cluster_with
 
 SEEDS = [101, 102, 103, 104, 105, 106]
 STEPS = 2
@@ -42,9 +44,8 @@ def run_all(url: str, seeds: list[int], timeout: float) -> list[httpx.Response]:
 
 @pytest.fixture(scope="module")
 def two_by_two(tiny_model, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("chaos")
-    config = write_stage_config(workdir, {"router": {"request_deadline_s": 400, "max_retries": 2}})
-    with Cluster(model=tiny_model, workdir=workdir, stage_config=config, num_ar=2, num_dit=2) as c:
+    overrides = {"router": {"request_deadline_s": 400, "max_retries": 2}}
+    with cluster_with(tiny_model, tmp_path_factory, "chaos", overrides, num_ar=2, num_dit=2) as c:
         yield c
 
 
@@ -87,7 +88,7 @@ def test_single_worker_loss_is_a_fast_503_then_recovers(tiny_model, tmp_path_fac
     c = Cluster(model=tiny_model, workdir=workdir, stage_config=config)
     c.start()
     try:
-        peer_timeout = 3.0  # bus.peer_timeout_s of the tiny config
+        peer_timeout = load_stage_config(config).bus.peer_timeout_s
         bound = peer_timeout + grace + 10  # detection + grace + a slow shared CPU
         for stage in ("ar", "dit"):
             victim = f"{stage}-0"

@@ -1,14 +1,19 @@
 """The console entry point: every subcommand documents its flags; devices resolve from the stage config."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from launch.cli import _resolve_device, build_parser
 
 
-@pytest.mark.parametrize("command", ["router", "ar-worker", "dit-worker", "make-tiny-model", "generate"])
+TINY_STAGE_CONFIG = Path(__file__).resolve().parent.parent / "stage_configs" / "glm_image_tiny_cpu.yaml"
+
+
+@pytest.mark.parametrize("command", ["launch", "router", "ar-worker", "dit-worker", "make-tiny-model", "generate"])
 def test_every_flag_has_help(command):
     sub = build_parser()._subparsers._group_actions[0].choices[command]
     for action in sub._actions:
@@ -43,3 +48,32 @@ def test_worker_without_a_model_says_what_to_pass(tmp_path):
     )
     assert result.returncode != 0
     assert "not a GLM-Image folder" in result.stderr
+
+
+def test_launch_with_a_bad_stage_config_fails_before_starting_anything(tmp_path):
+    bad = tmp_path / "stage.yaml"
+    bad.write_text(TINY_STAGE_CONFIG.read_text() + "\nnot_a_setting: 1\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "launch", "--model", str(tmp_path), "--stage-config", str(bad), "--log-dir", str(tmp_path / "logs")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert "not_a_setting" in result.stderr
+    assert "started (pid" not in result.stderr
+
+
+def test_launch_help_names_the_supervision_flags():
+    out = subprocess.run([sys.executable, "-m", "launch.cli", "launch", "--help"], capture_output=True, text=True, check=True).stdout
+    for flag in ("--max-restarts", "--restart-window", "--supervisor-metrics-port", "--bus-host", "--model-name", "--shutdown-grace"):
+        assert flag in out
+
+
+def test_a_process_started_by_a_launcher_that_is_gone_exits():
+    """A child of `launch` checks that its supervisor is still its parent (else nobody would stop it)."""
+    env = {**os.environ, "GLM_SERVE_SUPERVISOR_PID": "1"}  # not this process's parent
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "router", "--stage-config", str(TINY_STAGE_CONFIG), "--port", "1", "--bus-bind", "tcp://127.0.0.1:1"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    assert result.returncode != 0
+    assert "the launcher that started this process has exited" in result.stderr

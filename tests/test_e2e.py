@@ -6,39 +6,27 @@ one process on the same weights with the same seed and size.
 
 from __future__ import annotations
 
-import base64
-import io
-
 import httpx
 import numpy as np
 import pytest
 import torch
 from diffusers import GlmImagePipeline
-from PIL import Image
 
-from common.sizes import SizeLimits, nearest_valid_size
+from common.sizes import ImageSize, SizeLimits, nearest_valid_size
+from common.stage_config import load_stage_config
+from launch.local_cluster import generate
+from tests.helpers import b64_image, chat, data_url, image_part, noise_png, open_image
 
 STEPS = 2
 TIMEOUT = httpx.Timeout(300.0)
+PROMPT = 'a lighthouse, "GLM" painted on it'
 
 
-def _generate(cluster, **body):
-    body = {"prompt": 'a lighthouse, "GLM" painted on it', "num_inference_steps": STEPS, **body}
-    response = httpx.post(f"{cluster.url}/v1/images/generations", json=body, timeout=TIMEOUT)
+def _generate(cluster, seed: int, size: str | None = None, **body) -> dict:
+    """A generation at `size` (None: the router's default) that must succeed; its JSON."""
+    response = generate(cluster.url, seed, prompt=PROMPT, size=size, steps=STEPS, timeout=TIMEOUT, **body)
     assert response.status_code == 200, response.text
     return response.json()
-
-
-def _image(b64: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(b64)))
-
-
-def _png(size, seed) -> bytes:
-    rng = np.random.RandomState(seed)
-    img = Image.fromarray((rng.rand(size[1], size[0], 3) * 255).astype("uint8"))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +46,7 @@ def reference_pipeline(tiny_model, cluster):
 def test_text_to_image_at_each_size_reaches_every_stage(cluster, size):
     width, height = map(int, size.split("x"))
     data = _generate(cluster, size=size, seed=11)
-    image = _image(data["data"][0]["b64_json"])
+    image = b64_image(data["data"][0]["b64_json"])
     assert image.size == (width, height)
     assert image.format == "PNG"
     # Each stage reported the size it used: the requested one.
@@ -67,19 +55,21 @@ def test_text_to_image_at_each_size_reaches_every_stage(cluster, size):
 
 
 def test_default_size_is_propagated_like_an_explicit_one(cluster):
+    default = load_stage_config(cluster.stage_config).limits.default_size
+    width, height = map(int, default.split("x"))
     data = _generate(cluster, seed=3)
-    assert data["size"] == "1024x1024"
-    assert data["stage_sizes"][0] == {"ar": [1024, 1024], "dit": [1024, 1024]}
-    assert _image(data["data"][0]["b64_json"]).size == (1024, 1024)
+    assert data["size"] == default
+    assert data["stage_sizes"][0] == {"ar": [height, width], "dit": [height, width]}
+    assert b64_image(data["data"][0]["b64_json"]).size == (width, height)
 
 
 def test_matches_glm_image_pipeline_in_one_process(cluster, reference_pipeline):
     """The oracle, for text-to-image and image-to-image."""
-    for size, cond in [((512, 256), []), ((256, 256), [_png((320, 256), 1)])]:
+    for size, cond in [((512, 256), []), ((256, 256), [noise_png(320, 256, seed=1)])]:
         w, h = size
         expected = reference_pipeline(
-            prompt='a lighthouse, "GLM" painted on it',
-            image=[Image.open(io.BytesIO(c)).convert("RGB") for c in cond] or None,
+            prompt=PROMPT,
+            image=[open_image(c).convert("RGB") for c in cond] or None,
             height=h,
             width=w,
             num_inference_steps=STEPS,
@@ -88,12 +78,12 @@ def test_matches_glm_image_pipeline_in_one_process(cluster, reference_pipeline):
         ).images[0]
         if cond:
             files = [("image", ("c.png", c, "image/png")) for c in cond]
-            form = {"prompt": 'a lighthouse, "GLM" painted on it', "size": f"{w}x{h}", "seed": "21", "num_inference_steps": str(STEPS)}
+            form = {"prompt": PROMPT, "size": f"{w}x{h}", "seed": "21", "num_inference_steps": str(STEPS)}
             response = httpx.post(f"{cluster.url}/v1/images/edits", data=form, files=files, timeout=TIMEOUT)
             assert response.status_code == 200, response.text
-            got = _image(response.json()["data"][0]["b64_json"])
+            got = b64_image(response.json()["data"][0]["b64_json"])
         else:
-            got = _image(_generate(cluster, size=f"{w}x{h}", seed=21)["data"][0]["b64_json"])
+            got = b64_image(_generate(cluster, size=f"{w}x{h}", seed=21)["data"][0]["b64_json"])
         assert got.size == expected.size
         np.testing.assert_array_equal(np.asarray(got.convert("RGB")), np.asarray(expected.convert("RGB")))
 
@@ -109,50 +99,44 @@ def test_same_seed_same_bytes_and_n_gives_distinct_images(cluster):
 
 @pytest.mark.parametrize("n_images", [1, 2])
 def test_image_to_image_with_condition_images(cluster, n_images):
-    files = [("image[]", (f"c{i}.png", _png((384 + 64 * i, 256), i), "image/png")) for i in range(n_images)]
+    files = [("image[]", (f"c{i}.png", noise_png(384 + 64 * i, 256, seed=i), "image/png")) for i in range(n_images)]
     form = {"prompt": "make it night", "size": "256x512", "seed": "2", "num_inference_steps": str(STEPS)}
     response = httpx.post(f"{cluster.url}/v1/images/edits", data=form, files=files, timeout=TIMEOUT)
     assert response.status_code == 200, response.text
     data = response.json()
-    assert _image(data["data"][0]["b64_json"]).size == (256, 512)
+    assert b64_image(data["data"][0]["b64_json"]).size == (256, 512)
     assert data["stage_sizes"][0] == {"ar": [512, 256], "dit": [512, 256]}
 
 
 def test_edit_size_auto_uses_the_first_image_made_valid(cluster):
-    files = [("image", ("c.png", _png((300, 250), 9), "image/png"))]
+    files = [("image", ("c.png", noise_png(300, 250, seed=9), "image/png"))]
     response = httpx.post(f"{cluster.url}/v1/images/edits", data={"prompt": "x", "size": "auto", "num_inference_steps": str(STEPS)}, files=files, timeout=TIMEOUT)
     assert response.status_code == 200, response.text
     # 250 is under the 256 minimum: scaled up to 307x256, then to multiples of 32.
-    assert nearest_valid_size(300, 250, SizeLimits()) == (320, 256)
-    assert _image(response.json()["data"][0]["b64_json"]).size == (320, 256)
+    assert nearest_valid_size(ImageSize(300, 250), SizeLimits()) == ImageSize(320, 256)
+    assert b64_image(response.json()["data"][0]["b64_json"]).size == (320, 256)
 
 
 def test_chat_completions_text_and_image_with_extra_body(cluster):
-    body = {
-        "messages": [{"role": "user", "content": "a red fox"}],
-        "extra_body": {"height": 256, "width": 512, "num_inference_steps": STEPS, "guidance_scale": 1.5, "seed": 4},
-    }
+    body = chat("a red fox", extra_body={"height": 256, "width": 512, "num_inference_steps": STEPS, "guidance_scale": 1.5, "seed": 4})
     response = httpx.post(f"{cluster.url}/v1/chat/completions", json=body, timeout=TIMEOUT)
     assert response.status_code == 200, response.text
     url = response.json()["choices"][0]["message"]["content"][0]["image_url"]["url"]
     assert url.startswith("data:image/png;base64,")
-    assert _image(url.split(",", 1)[1]).size == (512, 256)
+    assert b64_image(url.split(",", 1)[1]).size == (512, 256)
 
-    data_url = "data:image/png;base64," + base64.b64encode(_png((256, 256), 3)).decode()
-    body = {
-        "messages": [{"role": "user", "content": [{"type": "text", "text": "as a watercolor"}, {"type": "image_url", "image_url": {"url": data_url}}]}],
-        "height": 256, "width": 256, "num_inference_steps": STEPS,
-    }
+    content = [{"type": "text", "text": "as a watercolor"}, image_part(data_url(noise_png(256, 256, seed=3)))]
+    body = chat(content, height=256, width=256, num_inference_steps=STEPS)
     response = httpx.post(f"{cluster.url}/v1/chat/completions", json=body, timeout=TIMEOUT)
     assert response.status_code == 200, response.text
     url = response.json()["choices"][0]["message"]["content"][0]["image_url"]["url"]
-    assert _image(url.split(",", 1)[1]).size == (256, 256)
+    assert b64_image(url.split(",", 1)[1]).size == (256, 256)
 
 
 @pytest.mark.parametrize("fmt,pil", [("jpeg", "JPEG"), ("webp", "WEBP")])
 def test_output_formats(cluster, fmt, pil):
     data = _generate(cluster, size="256x256", seed=1, output_format=fmt)
-    assert _image(data["data"][0]["b64_json"]).format == pil
+    assert b64_image(data["data"][0]["b64_json"]).format == pil
 
 
 def test_bad_input_gets_a_4xx_that_names_the_problem_and_the_server_keeps_serving(cluster):
@@ -168,7 +152,7 @@ def test_bad_input_gets_a_4xx_that_names_the_problem_and_the_server_keeps_servin
         response = httpx.post(url, timeout=TIMEOUT, **kwargs)
         assert response.status_code == status, (kwargs, response.text)
         assert words in response.json()["error"]["message"], response.text
-    bad_b64 = {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}
+    bad_b64 = chat([{"type": "text", "text": "x"}, image_part("data:image/png;base64,@@@")])
     response = httpx.post(f"{cluster.url}/v1/chat/completions", json=bad_b64, timeout=TIMEOUT)
     assert response.status_code == 400 and "base64" in response.text
     files = [("image", ("c.png", b"definitely not an image", "image/png"))]
@@ -180,7 +164,7 @@ def test_bad_input_gets_a_4xx_that_names_the_problem_and_the_server_keeps_servin
 
 def test_models_ready_and_metrics(cluster):
     models = httpx.get(f"{cluster.url}/v1/models").json()
-    assert models["data"][0]["id"] == "glm-image-tiny"
+    assert models["data"][0]["id"] == cluster.model_name
     ready = httpx.get(f"{cluster.url}/ready")
     assert ready.status_code == 200 and ready.json()["live_workers"] == {"ar": 1, "dit": 1}
     metrics = httpx.get(f"{cluster.url}/metrics").text

@@ -6,29 +6,19 @@ worker changes, from `engine: transformers` to `engine: vllm`.
 
 from __future__ import annotations
 
-import base64
-import io
 import signal
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
-from tests.cluster import Cluster, write_stage_config
+from launch.local_cluster import Cluster, image_bytes, write_stage_config
+from tests.helpers import noise_png
 
 pytest.importorskip("vllm")
 
 GREEDY = {"default_sampling_params": {"temperature": 0}}
 # On CPU vLLM reserves this fraction of RAM for its KV cache.
 VLLM = {"engine": "vllm", "engine_args": {"gpu_memory_utilization": 0.15, "max_num_seqs": 4}, **GREEDY}
-
-
-def _png(w, h, seed) -> bytes:
-    img = Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 REQUESTS = [
@@ -48,10 +38,10 @@ def _run_all(cluster: Cluster) -> list[bytes]:
             if kind == "t2i":
                 r = client.post("/v1/images/generations", json={**spec, "num_inference_steps": 2})
             else:
-                files = [("image[]", (f"c{i}.png", _png(w, h, i), "image/png")) for i, (w, h) in enumerate(spec.pop("images"))]
+                files = [("image[]", (f"c{i}.png", noise_png(w, h, seed=i), "image/png")) for i, (w, h) in enumerate(spec.pop("images"))]
                 r = client.post("/v1/images/edits", data={k: str(v) for k, v in {**spec, "num_inference_steps": 2}.items()}, files=files)
             assert r.status_code == 200, r.text
-            out.append(base64.b64decode(r.json()["data"][0]["b64_json"]))
+            out.append(image_bytes(r)[0])
     return out
 
 

@@ -15,20 +15,16 @@ from hypothesis import HealthCheck, Phase, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.cluster import TINY_STAGE_CONFIG, Cluster, write_stage_config
+from launch.local_cluster import TINY_STAGE_CONFIG
+from tests.helpers import assert_router_unhurt, cluster_with
 
 MAX_EXAMPLES = 150  # per operation (6 operations); valid bodies cost ~0.5 s each (a 503)
 
 
 @pytest.fixture(scope="module")
 def fuzz_router(tiny_model, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("fuzz")
-    config = write_stage_config(workdir, {"router": {"no_worker_grace_s": 0.05}})
-    c = Cluster(model=tiny_model, workdir=workdir, stage_config=config, num_ar=0, num_dit=0)
-    c.start_router()
-    c.wait_for_http()
-    yield c
-    c.stop()
+    with cluster_with(tiny_model, tmp_path_factory, "fuzz", {"router": {"no_worker_grace_s": 0.05}}, num_ar=0, num_dit=0) as c:
+        yield c
     # Everything the fuzzer sent was answered without an unhandled exception.
     assert "unhandled error" not in c.procs["router"].log()
 
@@ -48,9 +44,11 @@ def _openapi_document() -> dict:
     config = load_stage_config(TINY_STAGE_CONFIG)
     pool = WorkerPool(config.bus.peer_timeout_s)
     registry = CollectorRegistry()
-    bus = RouterBus("tcp://127.0.0.1:0", config.bus, pool)  # never started: only its shape is needed
+    metrics = RouterMetrics(registry)
+    # Never started: only its shape is needed.
+    bus = RouterBus("tcp://127.0.0.1:0", config.bus, pool, metrics, config.fingerprint())
     try:
-        return create_app(Orchestrator(config, bus, pool, RouterMetrics(registry), "glm-image-tiny"), registry).openapi()
+        return create_app(Orchestrator(config, bus, pool, metrics, "glm-image-tiny"), registry).openapi()
     finally:
         bus.ctx.term()
 
@@ -98,7 +96,4 @@ def test_served_schema_is_the_fuzzed_one(fuzz_router):
 
 
 def test_router_still_healthy_after_fuzzing(fuzz_router):
-    assert fuzz_router.procs["router"].alive()
-    assert httpx.get(f"{fuzz_router.url}/health", timeout=5).status_code == 200
-    metrics = httpx.get(f"{fuzz_router.url}/metrics", timeout=5).text
-    assert 'status="500"' not in metrics
+    assert_router_unhurt(fuzz_router)

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from common.protocol import (
-    PROTOCOL_VERSION,
     ARJob,
     ARPrompt,
     ARResult,
@@ -20,14 +19,17 @@ from common.protocol import (
     MMProcessorKwargs,
     OriginalPrompt,
     ProtocolError,
+    RegistrationRefused,
     WorkerInfo,
     decode,
     encode,
 )
+from common.sizes import ImageSize
+from tests.helpers import GARBAGE
 
 
 def _original(**kw):
-    base = dict(prompt="a cat", height=512, width=1024, mm_processor_kwargs=MMProcessorKwargs(target_h=512, target_w=1024), seed=3, num_inference_steps=4, guidance_scale=1.5)
+    base = dict(prompt="a cat", height=512, width=1024, seed=3, num_inference_steps=4, guidance_scale=1.5)
     return OriginalPrompt(**{**base, **kw})
 
 
@@ -50,42 +52,47 @@ def test_dit_job_roundtrip_sends_tensors_and_images_as_frames():
     assert back.payload.original_prompt.condition_images == [b"\x89PNG-1", b"\x89PNG-2"]
     op = back.payload.original_prompt
     assert (op.height, op.width) == (op.mm_processor_kwargs.target_h, op.mm_processor_kwargs.target_w) == (512, 1024)
+    assert op.size == ImageSize(width=1024, height=512)
+
+
+def test_original_prompt_carries_the_size_both_ways_on_the_wire():
+    frames = encode(JobRequest(job_id="j", request_id="r", deadline_s=1, payload=DiTJob(
+        original_prompt=_original(height=768, width=1344), prior_token_ids=np.zeros((24, 42), dtype=np.int64))))
+    body = msgpack.unpackb(frames[0], raw=False)["body"]["payload"]["original_prompt"]
+    assert (body["height"], body["width"]) == (768, 1344)
+    assert body["mm_processor_kwargs"] == {"target_h": 768, "target_w": 1344}
+
+
+def test_a_self_contradicting_original_prompt_is_refused_at_decode():
+    job = JobRequest(job_id="j", request_id="r", deadline_s=1, payload=DiTJob(
+        original_prompt=_original(), prior_token_ids=np.zeros((16, 32), dtype=np.int64)))
+    frames = encode(job)
+    header = msgpack.unpackb(frames[0], raw=False)
+    header["body"]["payload"]["original_prompt"]["mm_processor_kwargs"] = {"target_h": 1024, "target_w": 1024}
+    with pytest.raises(ProtocolError, match="two sizes"):
+        decode([msgpack.packb(header, use_bin_type=True), *frames[1:]])
+    with pytest.raises(ValueError, match="two sizes"):
+        _original(mm_processor_kwargs=MMProcessorKwargs(target_h=1024, target_w=1024))
 
 
 def test_ar_messages_roundtrip():
     job = JobRequest(job_id="j", request_id="r", deadline_s=1, payload=ARJob(prompt=ARPrompt(prompt="p", mm_processor_kwargs=MMProcessorKwargs(target_h=256, target_w=512)), sampling=ARSampling(temperature=0.9, top_p=0.75, top_k=16512, seed=1)))
     assert _roundtrip(job)[1] == job
-    result = JobResult(job_id="j", worker_id="w", payload=ARResult(prior_token_ids=np.zeros((8, 16), dtype=np.int64), target_h=256, target_w=512, num_generated_tokens=129), timings={"ar_s": 1.0})
+    result = JobResult(job_id="j", worker_id="w", payload=ARResult(prior_token_ids=np.zeros((8, 16), dtype=np.int64), height=256, width=512), timings={"ar_s": 1.0})
     back = _roundtrip(result)[1]
     assert back.payload.prior_token_ids.shape == (8, 16)
+    assert back.payload.size == ImageSize(width=512, height=256)
     dit = JobResult(job_id="j", worker_id="w", payload=DiTResult(image=b"img", output_format="png", height=256, width=512))
     assert _roundtrip(dit)[1].payload.image == b"img"
     err = JobError(job_id="j", worker_id="w", code=ErrorCode.INTERNAL, message="boom")
     assert _roundtrip(err)[1] == err
-    hb = Heartbeat(info=WorkerInfo(worker_id="w", stage="ar", model="m", capacity=2, pid=1, host="h"), in_flight=["a"])
+    hb = Heartbeat(info=WorkerInfo(worker_id="w", stage="ar", model="m", capacity=2, pid=1, host="h", config_fingerprint="f"))
     assert _roundtrip(hb)[1] == hb
+    refused = RegistrationRefused(reason="another stage config")
+    assert _roundtrip(refused)[1] == refused
 
 
-def _header(body, version=PROTOCOL_VERSION):
-    return msgpack.packb({"v": version, "body": body}, use_bin_type=True)
-
-
-@pytest.mark.parametrize(
-    "frames,why",
-    [
-        ([], "frames"),
-        ([b"\xc1garbage"], "undecodable"),
-        ([msgpack.packb([1, 2, 3])], "not a {v, body} map"),
-        ([_header({"type": "heartbeat"}, version=99)], "protocol version"),
-        ([_header({"type": "no_such_message"})], "invalid message"),
-        ([_header({"type": "goodbye", "worker_id": "w", "extra": 1})], "invalid message"),
-        ([msgpack.packb({"v": 1, "body": msgpack.ExtType(1, b"x")}, use_bin_type=True)], "extension"),
-        ([_header({"type": "job", "job_id": "j", "request_id": "r", "deadline_s": 1, "payload": {"stage": "dit", "prior_token_ids": {"__frame__": 5, "dtype": "int64", "shape": [1]}}})], "out of range"),
-        ([_header({"x": {"__frame__": 1, "dtype": "object", "shape": [1]}}), b"12345678"], "not allowed"),
-        ([_header({"x": {"__frame__": 1, "dtype": "int64", "shape": [3]}}), b"12345678"], "needs 24"),
-        ([b"x"] * 100, "frames"),
-    ],
-)
-def test_garbage_is_a_protocol_error_never_a_crash(frames, why):
-    with pytest.raises(ProtocolError, match=why if why != "not a {v, body} map" else "not a"):
-        decode(frames)
+@pytest.mark.parametrize("garbage", GARBAGE, ids=lambda g: g.what)
+def test_garbage_is_a_protocol_error_never_a_crash(garbage):
+    with pytest.raises(ProtocolError, match=garbage.why):
+        decode(garbage.frames)

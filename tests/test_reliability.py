@@ -1,8 +1,9 @@
 """Cancellation, overload, graceful drain and router restarts, on real processes.
 
 One 1 AR + 1 DiT cluster with `queue_limit_per_stage: 0` (the only way in is a
-free AR slot, so overload is easy to reach); the tests run in file order and
-each leaves the cluster with one live worker per stage.
+free AR slot, so overload is easy to reach), shared by the module. Before each
+test, `serving` brings back a router that a test before stopped and waits for
+one live worker per stage, so every test also passes alone.
 """
 
 from __future__ import annotations
@@ -14,19 +15,27 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import pytest
 
-from tests.cluster import Cluster, generate, write_stage_config
-
+from launch.local_cluster import Cluster, generate
+from tests.helpers import cluster_with, metric
 
 
 @pytest.fixture(scope="module")
 def rc(tiny_model, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("reliability")
-    config = write_stage_config(workdir, {"router": {"queue_limit_per_stage": 0}})
-    with Cluster(model=tiny_model, workdir=workdir, stage_config=config) as c:
+    with cluster_with(tiny_model, tmp_path_factory, "reliability", {"router": {"queue_limit_per_stage": 0}}) as c:
         yield c
+
+
+@pytest.fixture(autouse=True)
+def serving(rc):
+    """A running router and one worker per stage (each restarted if a test before stopped it)."""
+    if not rc.procs["router"].alive():
+        rc.start_router()
+    for stage in ("ar", "dit"):
+        if not rc.procs[f"{stage}-0"].alive():
+            rc.start_worker(stage, f"{stage}-0")
+    rc.wait_for_workers(1, 1, timeout=180, exact=True)
 
 
 def open_request(cluster: Cluster, body: dict) -> socket.socket:
@@ -36,11 +45,6 @@ def open_request(cluster: Cluster, body: dict) -> socket.socket:
     sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
     return sock
-
-
-def metric(cluster: Cluster, name: str) -> float:
-    text = httpx.get(f"{cluster.url}/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 @pytest.mark.parametrize("stage,steps", [("ar", 1), ("dit", 200)])
@@ -118,14 +122,13 @@ def test_router_sigterm_finishes_in_flight_requests(rc):
 
 
 def test_restarted_router_is_found_by_its_workers(rc):
-    """Workers re-register with a new router on the same ports with no manual step: after the SIGTERM
-    above, and again after a SIGKILL. The router stays down until both workers have given up on it and
+    """Workers re-register with a new router on the same ports with no manual step, after a SIGTERM
+    and after a SIGKILL. The router stays down until both workers have given up on it and
     reconnected (the path that once left a worker deaf)."""
-    for sig in (None, signal.SIGKILL):
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         offsets = {name: len(rc.procs[name].log()) for name in ("ar-0", "dit-0")}
-        if sig is not None:
-            rc.kill("router", sig)
-            rc.wait_exit("router", timeout=30)
+        rc.kill("router", sig)
+        rc.wait_exit("router", timeout=60)
         for name, offset in offsets.items():
             rc.wait_for_log(name, r"router \S+ silent for [\d.]+s: reconnecting", timeout=30, start=offset)
         rc.start_router()

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import base64
 import io
-import random
-import struct
-import zlib
 
 import pytest
 from PIL import Image
 
-from common.sizes import SIZE_MULTIPLE
+from common.sizes import SIZE_MULTIPLE, ImageSize
 from common.stage_config import Limits
 from router.errors import InvalidRequest, PayloadTooLarge
 from router.images import decode_base64_image, decode_data_url, load_condition_image
@@ -26,42 +23,9 @@ from router.schemas import (
     parse_body,
     resolve_size,
 )
+from tests.helpers import chat, data_url, noise_png, open_image, png, png_claiming
 
 LIMITS = Limits()
-
-
-def png_bytes(width: int, height: int, mode: str = "RGB", color: object = (200, 30, 30)) -> bytes:
-    out = io.BytesIO()
-    Image.new(mode, (width, height), color).save(out, format="PNG")
-    return out.getvalue()
-
-
-def noise_png(width: int, height: int) -> bytes:
-    # Random pixels do not compress, so truncating the file really cuts image data.
-    out = io.BytesIO()
-    pixels = random.Random(0).randbytes(width * height * 3)
-    Image.frombytes("RGB", (width, height), pixels).save(out, format="PNG")
-    return out.getvalue()
-
-
-def png_claiming_size(width: int, height: int) -> bytes:
-    """A tiny valid PNG whose header claims width x height (a decompression bomb's header)."""
-    data = png_bytes(1, 1)
-    ihdr_start = 8  # after the signature: length(4) "IHDR"(4) data(13) crc(4)
-    ihdr = bytearray(data[ihdr_start + 8: ihdr_start + 8 + 13])
-    ihdr[0:8] = struct.pack(">II", width, height)
-    crc = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)) & 0xFFFFFFFF)
-    return data[: ihdr_start + 8] + bytes(ihdr) + crc + data[ihdr_start + 8 + 13 + 4:]
-
-
-def data_url(raw: bytes, media: str = "image/png") -> str:
-    return f"data:{media};base64,{base64.b64encode(raw).decode()}"
-
-
-def decoded(condition_png: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(condition_png))
-    image.load()
-    return image
 
 
 # ---------------------------------------------------------------------------
@@ -70,19 +34,19 @@ def decoded(condition_png: bytes) -> Image.Image:
 
 class TestResolveSize:
     def test_omitted_size_is_the_configured_default(self):
-        assert resolve_size(None, LIMITS) == (1024, 1024)
-        assert resolve_size(None, Limits(default_size="768x512")) == (768, 512)
+        assert resolve_size(None, LIMITS) == ImageSize(1024, 1024)
+        assert resolve_size(None, Limits(default_size="768x512")) == ImageSize(768, 512)
 
     def test_auto_without_condition_image_is_the_default(self):
-        assert resolve_size("auto", Limits(default_size="512x768")) == (512, 768)
+        assert resolve_size("auto", Limits(default_size="512x768")) == ImageSize(512, 768)
 
     def test_auto_and_omitted_use_the_condition_image_size_when_there_is_one(self):
-        assert resolve_size("auto", LIMITS, auto_size=(640, 480)) == (640, 480)
-        assert resolve_size(None, LIMITS, auto_size=(640, 480)) == (640, 480)
+        assert resolve_size("auto", LIMITS, auto_size=ImageSize(640, 480)) == ImageSize(640, 480)
+        assert resolve_size(None, LIMITS, auto_size=ImageSize(640, 480)) == ImageSize(640, 480)
 
     def test_explicit_size_wins_over_auto_size(self):
-        assert resolve_size("512x1024", LIMITS, auto_size=(640, 480)) == (512, 1024)
-        assert resolve_size(" 1024X512 ", LIMITS) == (1024, 512)
+        assert resolve_size("512x1024", LIMITS, auto_size=ImageSize(640, 480)) == ImageSize(512, 1024)
+        assert resolve_size(" 1024X512 ", LIMITS) == ImageSize(1024, 512)
 
     def test_not_multiple_of_32_names_rule_and_nearest_size(self):
         with pytest.raises(InvalidRequest) as exc:
@@ -186,7 +150,7 @@ class TestImageEditForm:
         body = parse_body(ImageEditForm, {"prompt": "make it blue", "n": "2", "seed": "5",
                                           "guidance_scale": "1.5"}, LIMITS)
         assert (body.n, body.seed, body.guidance_scale, body.size) == (2, 5, 1.5, "auto")
-        assert resolve_size(body.size, LIMITS, auto_size=(640, 480)) == (640, 480)
+        assert resolve_size(body.size, LIMITS, auto_size=ImageSize(640, 480)) == ImageSize(640, 480)
 
     def test_unknown_form_field(self):
         with pytest.raises(InvalidRequest, match="unknown field 'quality'"):
@@ -197,26 +161,22 @@ class TestImageEditForm:
 # /v1/chat/completions bodies
 
 
-def chat(content: object, **extra: object) -> dict:
-    return {"messages": [{"role": "user", "content": content}], **extra}
-
-
 class TestChatCompletionRequest:
     def test_vllm_omni_extra_body(self):
         body = parse_body(ChatCompletionRequest, chat("a dog", extra_body={
             "height": 512, "width": 768, "num_inference_steps": 20, "guidance_scale": 1.5, "seed": 42}), LIMITS)
-        assert body.size_text() == "768x512"
-        assert resolve_size(body.size_text(), LIMITS) == (768, 512)
+        assert body.requested_size() == ImageSize(width=768, height=512)
+        assert resolve_size(body.requested_size(), LIMITS) == ImageSize(768, 512)
         assert (body.num_inference_steps, body.guidance_scale, body.seed) == (20, 1.5, 42)
 
     def test_top_level_options_and_size(self):
         body = parse_body(ChatCompletionRequest, chat("a dog", size="512x512", n=2, seed=1), LIMITS)
-        assert (body.size_text(), body.n, body.seed) == ("512x512", 2, 1)
+        assert (body.requested_size(), body.n, body.seed) == ("512x512", 2, 1)
 
     def test_no_size_means_default(self):
         body = parse_body(ChatCompletionRequest, chat("a dog"), LIMITS)
-        assert body.size_text() is None
-        assert resolve_size(body.size_text(), LIMITS) == (1024, 1024)
+        assert body.requested_size() is None
+        assert resolve_size(body.requested_size(), LIMITS) == ImageSize(1024, 1024)
 
     def test_same_option_in_both_places_must_agree(self):
         parse_body(ChatCompletionRequest, chat("x", seed=3, extra_body={"seed": 3}), LIMITS)
@@ -232,20 +192,20 @@ class TestChatCompletionRequest:
     def test_only_one_side_given(self):
         body = parse_body(ChatCompletionRequest, chat("x", extra_body={"height": 512}), LIMITS)
         with pytest.raises(InvalidRequest, match="only height was given: give both height and width"):
-            body.size_text()
+            body.requested_size()
 
     def test_size_and_sides_must_agree(self):
         body = parse_body(ChatCompletionRequest, chat("x", size="512x512", height=512, width=768), LIMITS)
         with pytest.raises(InvalidRequest, match="disagrees"):
-            body.size_text()
+            body.requested_size()
 
     def test_invalid_sides_get_the_size_message(self):
         body = parse_body(ChatCompletionRequest, chat("x", height=1000, width=1000), LIMITS)
         with pytest.raises(InvalidRequest, match="nearest valid size is 992x992"):
-            resolve_size(body.size_text(), LIMITS)
+            resolve_size(body.requested_size(), LIMITS)
 
     def test_prompt_is_the_user_text_and_images_are_collected(self):
-        url = data_url(png_bytes(64, 64))
+        url = data_url(png(64, 64))
         body = parse_body(ChatCompletionRequest, {"messages": [
             {"role": "system", "content": "You are an artist."},
             {"role": "user", "content": [{"type": "text", "text": "make the sky"},
@@ -266,11 +226,13 @@ class TestChatCompletionRequest:
         assert str(exc.value).startswith("messages.0.content.0: Input tag 'txt'")
         assert "valid string" not in str(exc.value)
 
-    def test_streaming_and_unknown_fields_rejected(self):
-        with pytest.raises(InvalidRequest, match="stream: streaming is not supported"):
-            parse_body(ChatCompletionRequest, chat("x", stream=True), LIMITS)
-        with pytest.raises(InvalidRequest, match="unknown field 'max_tokens'"):
-            parse_body(ChatCompletionRequest, chat("x", max_tokens=10), LIMITS)
+    def test_openai_sampling_fields_are_accepted_and_unknown_fields_rejected(self):
+        body = parse_body(ChatCompletionRequest, chat("x", stream=True, temperature=0.5, top_p=0.9, max_tokens=10), LIMITS)
+        assert (body.stream, body.temperature, body.top_p, body.max_tokens) == (True, 0.5, 0.9, 10)
+        with pytest.raises(InvalidRequest, match="temperature: Input should be less than or equal to 2"):
+            parse_body(ChatCompletionRequest, chat("x", temperature=3), LIMITS)
+        with pytest.raises(InvalidRequest, match="unknown field 'frequency_penalty'"):
+            parse_body(ChatCompletionRequest, chat("x", frequency_penalty=1.0), LIMITS)
 
 
 # ---------------------------------------------------------------------------
@@ -279,12 +241,12 @@ class TestChatCompletionRequest:
 
 class TestDataUrls:
     def test_round_trip(self):
-        raw = png_bytes(40, 30)
+        raw = png(40, 30)
         assert decode_data_url(data_url(raw), LIMITS, "image_url[0]") == raw
         assert decode_data_url(data_url(raw, media="image/jpeg"), LIMITS, "image_url[0]") == raw
 
     def test_line_wrapped_and_unpadded_base64_is_accepted(self):
-        raw = png_bytes(41, 29)
+        raw = png(41, 29)
         encoded = base64.b64encode(raw).decode()
         wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))
         assert decode_base64_image(wrapped, LIMITS, "img") == raw
@@ -322,18 +284,18 @@ class TestDataUrls:
 
 class TestConditionImages:
     def test_valid_size_is_kept_and_output_is_rgb_png(self):
-        cond = load_condition_image(png_bytes(512, 768), LIMITS, "image[0]")
-        assert cond.size == (512, 768)
-        image = decoded(cond.png)
+        cond = load_condition_image(png(512, 768), LIMITS, "image[0]")
+        assert cond.size == ImageSize(512, 768)
+        image = open_image(cond.png)
         assert (image.format, image.mode, image.size) == ("PNG", "RGB", (512, 768))
         assert image.getpixel((10, 10)) == (200, 30, 30)
 
     @pytest.mark.parametrize("width,height", [(1000, 600), (333, 777), (2500, 1400), (50, 40), (3000, 300), (257, 1030)])
     def test_normalised_to_multiples_of_32_within_limits(self, width, height):
-        cond = load_condition_image(png_bytes(width, height), LIMITS, "image[0]")
-        w, h = decoded(cond.png).size
-        assert (w, h) == cond.size
-        assert (cond.source_width, cond.source_height) == (width, height)
+        cond = load_condition_image(png(width, height), LIMITS, "image[0]")
+        w, h = open_image(cond.png).size
+        assert ImageSize(w, h) == cond.size
+        assert cond.source_size == ImageSize(width, height)
         assert w % SIZE_MULTIPLE == 0 and h % SIZE_MULTIPLE == 0
         assert LIMITS.min_side <= w <= LIMITS.max_side and LIMITS.min_side <= h <= LIMITS.max_side
         assert max(w, h) / min(w, h) <= LIMITS.max_aspect_ratio
@@ -341,11 +303,11 @@ class TestConditionImages:
         assert abs(w / h - source_ratio) / source_ratio < 0.1
 
     def test_nearest_size_for_a_typical_photo(self):
-        assert load_condition_image(png_bytes(1000, 600), LIMITS, "image[0]").size == (992, 608)
+        assert load_condition_image(png(1000, 600), LIMITS, "image[0]").size == ImageSize(992, 608)
 
     def test_transparency_becomes_white(self):
-        cond = load_condition_image(png_bytes(256, 256, "RGBA", (0, 0, 0, 0)), LIMITS, "image[0]")
-        image = decoded(cond.png)
+        cond = load_condition_image(png(256, 256, "RGBA", (0, 0, 0, 0)), LIMITS, "image[0]")
+        image = open_image(cond.png)
         assert image.mode == "RGB" and image.getpixel((5, 5)) == (255, 255, 255)
 
     def test_grayscale_and_jpeg_and_webp_inputs(self):
@@ -353,21 +315,20 @@ class TestConditionImages:
             out = io.BytesIO()
             Image.new(mode, (300, 300), 128).save(out, format=fmt)
             cond = load_condition_image(out.getvalue(), LIMITS, "image[0]")
-            assert decoded(cond.png).mode == "RGB" and cond.size == (288, 288)
+            assert open_image(cond.png).mode == "RGB" and cond.size == ImageSize(288, 288)
 
     def test_decompression_bomb_rejected_from_the_header(self):
         # Over our limit but under Pillow's own guard: our header check must catch it.
-        bomb = png_claiming_size(5000, 5000)
-        assert len(bomb) < 200
+        bomb = png_claiming(5000, 5000)
         with pytest.raises(InvalidRequest, match="image\\[0\\] is 5000x5000 = 25000000 pixels; at most 16777216"):
             load_condition_image(bomb, LIMITS, "image[0]")
         # Far over Pillow's guard (2 x Image.MAX_IMAGE_PIXELS): same kind of message.
-        with pytest.raises(InvalidRequest, match="image\\[0\\] has 3600000000 pixels; at most 16777216 pixels"):
-            load_condition_image(png_claiming_size(60_000, 60_000), LIMITS, "image[0]")
+        with pytest.raises(InvalidRequest, match=f"image\\[0\\] has more than {2 * Image.MAX_IMAGE_PIXELS} pixels; at most 16777216 pixels"):
+            load_condition_image(png_claiming(60_000, 60_000), LIMITS, "image[0]")
 
     def test_pixel_limit_from_config(self):
         with pytest.raises(InvalidRequest, match="at most 10000 pixels"):
-            load_condition_image(png_bytes(128, 128), Limits(max_image_pixels=10_000), "image[0]")
+            load_condition_image(png(128, 128), Limits(max_image_pixels=10_000), "image[0]")
 
     def test_truncated_png(self):
         whole = noise_png(256, 256)
@@ -391,6 +352,6 @@ class TestConditionImages:
             load_condition_image(noise_png(64, 64), Limits(max_upload_bytes=1024), "image[0]")
 
     def test_from_data_url_end_to_end(self):
-        raw = decode_data_url(data_url(png_bytes(640, 480)), LIMITS, "image_url[0]")
+        raw = decode_data_url(data_url(png(640, 480)), LIMITS, "image_url[0]")
         cond = load_condition_image(raw, LIMITS, "image_url[0]")
-        assert cond.size == (640, 480)
+        assert cond.size == ImageSize(640, 480)

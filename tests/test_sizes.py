@@ -1,8 +1,8 @@
-"""Token math against the facts table, and the size rules every stage shares."""
+"""Token math against the model's published table, and the size rules every stage shares."""
 
 import pytest
 
-from common.sizes import InvalidSize, SizeLimits, check_size, nearest_valid_size, parse_size, size_problem, token_layout
+from common.sizes import Grid, ImageSize, InvalidSize, SizeLimits, check_size, nearest_valid_size, size_problem, token_layout
 
 LIMITS = SizeLimits()
 
@@ -17,20 +17,22 @@ LIMITS = SizeLimits()
         (256, 256, (8, 8), (16, 16), 321, 65),
     ],
 )
-def test_token_counts_match_the_facts_table(width, height, target, preview, t2i, i2i):
-    layout = token_layout(height, width, image_to_image=False)
-    assert (layout.target_h, layout.target_w) == target
-    assert (layout.preview_h, layout.preview_w) == preview
+def test_token_counts_match_the_published_table(width, height, target, preview, t2i, i2i):
+    size = ImageSize(width=width, height=height)
+    layout = token_layout(size, image_to_image=False)
+    assert layout.target == Grid(*target) == size.grid
+    assert layout.preview == Grid(*preview)
     assert layout.tokens_to_generate == t2i
     assert layout.target_offset == preview[0] * preview[1]  # the preview grid comes first
-    assert token_layout(height, width, image_to_image=True).tokens_to_generate == i2i
-    assert token_layout(height, width, image_to_image=True).target_offset == 0
+    assert token_layout(size, image_to_image=True).tokens_to_generate == i2i
+    assert token_layout(size, image_to_image=True).target_offset == 0
+    assert ImageSize.of_grid(size.grid) == size
 
 
 @pytest.mark.parametrize("size", [(512, 512), (1024, 512), (768, 1344), (2048, 512), (256, 1024), (2048, 2048)])
 def test_valid_sizes_pass(size):
-    assert size_problem(*size, LIMITS) is None
-    check_size(*size, LIMITS)
+    assert size_problem(ImageSize(*size), LIMITS) is None
+    check_size(ImageSize(*size), LIMITS)
 
 
 @pytest.mark.parametrize(
@@ -46,21 +48,29 @@ def test_valid_sizes_pass(size):
 )
 def test_invalid_sizes_name_the_rule_and_the_nearest_valid_size(width, height, nearest, rule):
     with pytest.raises(InvalidSize) as err:
-        check_size(width, height, LIMITS)
+        check_size(ImageSize(width, height), LIMITS)
     assert rule in str(err.value)
     assert f"nearest valid size is {nearest[0]}x{nearest[1]}" in str(err.value)
-    assert size_problem(*nearest, LIMITS) is None
+    assert nearest_valid_size(ImageSize(width, height), LIMITS) == ImageSize(*nearest)
+    assert size_problem(ImageSize(*nearest), LIMITS) is None
 
 
 @pytest.mark.parametrize("width", range(1, 3000, 97))
 @pytest.mark.parametrize("height", [1, 255, 700, 1333, 2049, 5000])
 def test_nearest_valid_size_is_always_valid(width, height):
-    assert size_problem(*nearest_valid_size(width, height, LIMITS), LIMITS) is None
+    assert size_problem(nearest_valid_size(ImageSize(width, height), LIMITS), LIMITS) is None
 
 
-def test_parse_size():
-    assert parse_size("1024x512") == (1024, 512)
-    assert parse_size(" 768X1344 ") == (768, 1344)
+def test_parse_size_is_width_then_height():
+    assert ImageSize.parse("1024x512") == ImageSize(width=1024, height=512)
+    assert ImageSize.parse(" 768X1344 ") == ImageSize(width=768, height=1344)
+    assert str(ImageSize(width=768, height=1344)) == "768x1344"
     for bad in ["1024", "axb", "1024x", "-5x10", "10x10x10", ""]:
         with pytest.raises(InvalidSize, match="WIDTHxHEIGHT"):
-            parse_size(bad)
+            ImageSize.parse(bad)
+
+
+def test_on_grid():
+    assert ImageSize(512, 256).on_grid
+    assert not ImageSize(512, 272).on_grid
+    assert not ImageSize(0, 256).on_grid

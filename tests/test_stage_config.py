@@ -41,6 +41,8 @@ def _write(tmp_path, mutate):
         (lambda r: r["stage_args"][1]["default_sampling_params"].update(num_inference_steps=0), "num_inference_steps"),
         (lambda r: r["limits"].update(min_side=4096), "min_side 4096 exceeds max_side"),
         (lambda r: r.update(stage_args=r["stage_args"][:1]), "stage_args"),
+        # The DiT runs one job per worker: a batch size there would be a knob that does nothing.
+        (lambda r: r["stage_args"][1]["engine_args"].update(max_num_seqs=4), "stage_args.1.engine_args.max_num_seqs: unknown key"),
     ],
 )
 def test_invalid_configs_name_the_key(tmp_path, mutate, expected):
@@ -52,3 +54,22 @@ def test_invalid_configs_name_the_key(tmp_path, mutate, expected):
 def test_unreadable_config(tmp_path):
     with pytest.raises(StageConfigError, match="cannot read"):
         load_stage_config(tmp_path / "missing.yaml")
+
+
+def test_fingerprint_covers_what_router_and_workers_share(tmp_path):
+    tiny = load_stage_config(_write(tmp_path, lambda r: None))
+    base = tiny.fingerprint()
+    assert load_stage_config(_write(tmp_path, lambda r: None)).fingerprint() == base
+
+    def differs(mutate) -> bool:
+        return load_stage_config(_write(tmp_path, mutate)).fingerprint() != base
+
+    # What changes the images or the bus protocol's timing must be agreed on ...
+    assert differs(lambda r: r["stage_args"][1]["engine_args"].update(dtype="bfloat16"))
+    assert differs(lambda r: r["stage_args"][0]["default_sampling_params"].update(top_k=16))
+    assert differs(lambda r: r["bus"].update(peer_timeout_s=9.0))
+    # ... where a worker runs and where its weights lie may differ from node to node.
+    assert not differs(lambda r: r["stage_args"][0].update(devices="cuda:3"))
+    assert not differs(lambda r: r.update(model="/elsewhere/GLM-Image"))
+    # The shipped GPU config is not the tiny CPU one: a worker started with it is refused.
+    assert load_stage_config(Path(CONFIGS[0]).parent / "glm_image.yaml").fingerprint() != base

@@ -4,23 +4,21 @@ Greedy decoding must give the same tokens, token for token, as transformers with
 mask that allows only image codes at grid positions and EOS at the last one; for
 image-to-image also the condition images' VQ ids (`prior_token_image_ids`), against
 the transformers engine (`TransformersAREngine`).
-Run with the vLLM venv: `.venv-vllm/bin/python -m pytest tests/test_vllm_engine.py`.
+vLLM (its CPU build) is part of the project environment, so this runs in the normal suite.
 """
 
 from __future__ import annotations
 
 import asyncio
-
-import pytest
-
-pytest.importorskip("vllm")
+import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from common.sizes import token_layout
-from common.stage_config import EngineArgs
-from stage_ar.engine import ARGenerationRequest, GenerationCancelled
+from common.sizes import ImageSize, token_layout
+from common.stage_config import AREngineArgs
+from stage_ar.engine import ARGenerationRequest
 
 PROMPT = "a red fox in the snow"
 
@@ -38,7 +36,7 @@ def engine(tiny_model, loop):
 
     async def start():
         # float32 like the transformers reference, so greedy argmaxes agree exactly.
-        args = EngineArgs(
+        args = AREngineArgs(
             dtype="float32",
             max_num_seqs=16,
             gpu_memory_utilization=0.15,
@@ -55,7 +53,7 @@ def engine(tiny_model, loop):
 def transformers_engine(tiny_model):
     from stage_ar.transformers_engine import TransformersAREngine
 
-    return TransformersAREngine(tiny_model, EngineArgs(dtype="float32"), "cpu")
+    return TransformersAREngine(tiny_model, AREngineArgs(dtype="float32"), "cpu")
 
 
 def _condition_images(*sizes: tuple[int, int]) -> list[Image.Image]:
@@ -67,24 +65,32 @@ def _condition_images(*sizes: tuple[int, int]) -> list[Image.Image]:
     ]
 
 
+@pytest.fixture(scope="module")
+def vocab(tiny_model) -> tuple[int, int]:
+    """(codebook size, EOS id) of the model: image codes are 0..size-1, and generation ends with EOS."""
+    config = json.loads((tiny_model / "vision_language_encoder" / "config.json").read_text())
+    return config["vq_config"]["num_embeddings"], config["image_end_token_id"]
+
+
 def _generate(loop, engine, request):
     return loop.run_until_complete(engine.generate(request))
 
 
 @pytest.mark.parametrize(("width", "height"), [(512, 512), (1024, 512), (512, 1024)])
-def test_t2i_greedy_matches_transformers(loop, engine, transformers_engine, width, height):
+def test_t2i_greedy_matches_transformers(loop, engine, transformers_engine, vocab, width, height):
     req = ARGenerationRequest(
-        f"t2i-{width}x{height}", PROMPT, height, width, temperature=0.0
+        f"t2i-{width}x{height}", PROMPT, ImageSize(width, height), temperature=0.0
     )
     out = _generate(loop, engine, req)
     ref = loop.run_until_complete(transformers_engine.generate(req))
-    layout = token_layout(height, width, image_to_image=False)
+    layout = token_layout(ImageSize(width, height), image_to_image=False)
     assert len(out.generated_token_ids) == layout.tokens_to_generate
     assert out.generated_token_ids.tolist() == ref.generated_token_ids.tolist()
     assert out.prior_token_ids.shape == (height // 32, width // 32)
+    codebook_size, eos = vocab
     assert (
-        int(out.generated_token_ids.max()) == 129
-        and int(out.generated_token_ids[:-1].max()) < 128
+        int(out.generated_token_ids.max()) == eos
+        and int(out.generated_token_ids[:-1].max()) < codebook_size
     )
 
 
@@ -100,14 +106,13 @@ def test_i2i_greedy_matches_transformers_engine(
     req = ARGenerationRequest(
         f"i2i-{len(images)}",
         PROMPT,
-        height,
-        width,
+        ImageSize(width, height),
         condition_images=images,
         temperature=0.0,
     )
     out = _generate(loop, engine, req)
     ref = loop.run_until_complete(transformers_engine.generate(req))
-    layout = token_layout(height, width, image_to_image=True)
+    layout = token_layout(ImageSize(width, height), image_to_image=True)
     assert len(out.generated_token_ids) == layout.tokens_to_generate
     assert out.generated_token_ids.tolist() == ref.generated_token_ids.tolist()
     assert out.prior_token_ids.tolist() == ref.prior_token_ids.tolist()
@@ -127,14 +132,14 @@ def test_i2i_depends_on_the_condition_image(loop, engine):
         loop,
         engine,
         ARGenerationRequest(
-            "i2i-a", PROMPT, 256, 256, condition_images=[a], temperature=0.0
+            "i2i-a", PROMPT, ImageSize(256, 256), condition_images=[a], temperature=0.0
         ),
     )
     out_b = _generate(
         loop,
         engine,
         ARGenerationRequest(
-            "i2i-b", PROMPT, 256, 256, condition_images=[b], temperature=0.0
+            "i2i-b", PROMPT, ImageSize(256, 256), condition_images=[b], temperature=0.0
         ),
     )
     assert (
@@ -147,7 +152,7 @@ def test_i2i_depends_on_the_condition_image(loop, engine):
 def test_concurrent_requests_match_solo_runs(loop, engine):
     sizes = [(512, 512), (1024, 512), (512, 1024), (256, 256), (512, 512), (768, 512)]
     requests = [
-        ARGenerationRequest(f"solo-{i}", f"{PROMPT} #{i}", h, w, temperature=0.0)
+        ARGenerationRequest(f"solo-{i}", f"{PROMPT} #{i}", ImageSize(w, h), temperature=0.0)
         for i, (w, h) in enumerate(sizes)
     ]
     # Image-to-image requests in the same batch (one and two condition images).
@@ -155,8 +160,7 @@ def test_concurrent_requests_match_solo_runs(loop, engine):
         ARGenerationRequest(
             "solo-i2i-1",
             PROMPT,
-            384,
-            512,
+            ImageSize(width=512, height=384),
             condition_images=_condition_images((256, 384)),
             temperature=0.0,
         )
@@ -165,8 +169,7 @@ def test_concurrent_requests_match_solo_runs(loop, engine):
         ARGenerationRequest(
             "solo-i2i-2",
             PROMPT,
-            256,
-            256,
+            ImageSize(256, 256),
             condition_images=_condition_images((384, 256), (256, 256)),
             temperature=0.0,
         )
@@ -176,10 +179,9 @@ def test_concurrent_requests_match_solo_runs(loop, engine):
     async def together():
         batch = [
             ARGenerationRequest(
-                f"batch-{r.request_id}",
+                f"batch-{r.job_id}",
                 r.prompt,
-                r.height,
-                r.width,
+                r.size,
                 condition_images=r.condition_images,
                 temperature=0.0,
             )
@@ -193,29 +195,36 @@ def test_concurrent_requests_match_solo_runs(loop, engine):
     assert batched == solo
 
 
-def test_seeded_sampling_is_reproducible(loop, engine):
+def test_seeded_sampling_is_reproducible(loop, engine, vocab):
     a = _generate(
         loop,
         engine,
-        ARGenerationRequest("seed-a", PROMPT, 512, 512, temperature=0.9, seed=7),
+        ARGenerationRequest("seed-a", PROMPT, ImageSize(512, 512), temperature=0.9, seed=7),
     )
     b = _generate(
         loop,
         engine,
-        ARGenerationRequest("seed-b", PROMPT, 512, 512, temperature=0.9, seed=7),
+        ARGenerationRequest("seed-b", PROMPT, ImageSize(512, 512), temperature=0.9, seed=7),
     )
     assert a.generated_token_ids.tolist() == b.generated_token_ids.tolist()
-    assert int(a.generated_token_ids[:-1].max()) < 128
+    assert int(a.generated_token_ids[:-1].max()) < vocab[0]  # image codes only, before EOS
 
 
-def test_abort_raises_cancelled(loop, engine):
+def test_cancelling_generate_aborts_in_vllm(loop, engine):
     async def run():
         task = asyncio.ensure_future(
-            engine.generate(ARGenerationRequest("to-abort", PROMPT, 2048, 2048))
+            engine.generate(ARGenerationRequest("to-cancel", PROMPT, ImageSize(2048, 2048)))
         )
-        await asyncio.sleep(0.5)
-        await engine.abort("to-abort")
-        with pytest.raises(GenerationCancelled):
+        # Wait until vLLM holds the request, then cancel the awaiting task.
+        while not engine._engine.get_num_unfinished_requests():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
             await task
+        # AsyncLLM aborted it: no request is left running in the engine.
+        deadline = loop.time() + 30
+        while engine._engine.get_num_unfinished_requests() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        assert engine._engine.get_num_unfinished_requests() == 0
 
     loop.run_until_complete(run())

@@ -1,0 +1,52 @@
+"""The OpenAPI document: the hand-read request bodies still get their schemas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from router.schemas import ErrorResponse
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in [(400, "Invalid request"), (404, "Unknown model"), (413, "Body or image too large"),
+                       (415, "Wrong content type"), (429, "Overloaded; see Retry-After"),
+                       (502, "A stage failed"), (503, "No live workers"), (504, "Deadline exceeded")]
+}
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` for an endpoint whose JSON body is `model`."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def multipart_body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` for the edits endpoint: `model`'s fields plus the image uploads."""
+    schema = model.model_json_schema()
+    schema["properties"] = {
+        "image": {"type": "array", "items": {"type": "string", "format": "binary"},
+                  "description": "One or more condition images (PNG, JPEG or WebP); also accepted as image[]."},
+        **schema["properties"],
+    }
+    schema["required"] = ["image", *schema.get("required", [])]
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+def install_openapi(app: FastAPI, body_models: list[type[BaseModel]]) -> None:
+    """Generate the document once, with `body_models` added to its component schemas."""
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            _, defs = models_json_schema([(m, "validation") for m in body_models],
+                                         ref_template="#/components/schemas/{model}")
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -160,12 +160,18 @@ class StageConfig(_Strict):
         return self.ar if stage == "ar" else self.dit
 
     def fingerprint(self) -> str:
-        """A hash of what the router and every worker must agree on: the bus timing and the
-        stages (engine, dtype, sampling defaults, deadlines), but not where a worker runs
-        (`devices`) nor where its weights lie (`model`), which differ from node to node."""
-        shared = self.model_dump(mode="json", include={"bus", "stage_args"})
-        for stage in shared["stage_args"]:
-            stage.pop("devices")
+        """A hash of what the router and every worker must agree on: the bus timing and, per
+        stage, the dtype, sampling defaults and deadlines (another dtype changes the images).
+
+        Left out is what a deployment may vary per worker: where it runs (`devices`), where its
+        weights lie (`model`), and its engine and capacity (`engine`, batch size, memory share,
+        parallelism): a vLLM worker may join transformers workers (their greedy tokens are
+        identical; sampled tokens come from different samplers)."""
+        shared = {"bus": self.bus.model_dump(mode="json"), "stages": [
+            {"dtype": stage.engine_args.dtype,
+             "sampling": stage.default_sampling_params.model_dump(mode="json"),
+             "timeouts": stage.timeouts.model_dump(mode="json")}
+            for stage in self.stage_args]}
         return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -5,14 +5,12 @@
     glm-image-serve ar-worker   --router tcp://ROUTER_HOST:5570 --model /path/to/GLM-Image
     glm-image-serve dit-worker  --router tcp://ROUTER_HOST:5570 --model /path/to/GLM-Image
     glm-image-serve make-tiny-model --out models/tiny-glm-image
-    glm-image-serve generate --url http://127.0.0.1:8000 --prompt "a cat" --size 512x512 --out cat.png
+    glm-image-serve generate --url http://127.0.0.1:8000 --prompt "a cat" --size 512x512 --out cat.png   # client
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import json
 import os
 import signal
 import sys
@@ -100,13 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", required=True, help="output folder")
     tiny.add_argument("--overwrite", action="store_true", help="rebuild even if the folder exists")
 
-    gen = sub.add_parser("generate", help="client: text-to-image through a running router, saved to a file")
-    gen.add_argument("--url", default="http://127.0.0.1:8000", help="router URL (default: %(default)s)")
-    gen.add_argument("--prompt", required=True, help="text prompt; quoted text in it is rendered as glyphs")
-    gen.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT, multiples of 32 (default: %(default)s)")
-    gen.add_argument("--seed", type=int, help="random seed (default: the stage config's)")
-    gen.add_argument("--steps", type=int, help="num_inference_steps")
-    gen.add_argument("--out", required=True, help="output image path")
+    from launch import client
+
+    gen = sub.add_parser("generate", help="client: text- or image-to-image through a running router, with progress",
+                         epilog=client.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    client.add_arguments(gen)
     return parser
 
 
@@ -138,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         print(build_tiny_model(args.out, overwrite=args.overwrite))
         return
     if args.command == "generate":
-        _generate(args)
-        return
+        from launch.client import run
+
+        sys.exit(run(args))
     if args.command == "launch":
         sys.exit(_launch(args))
 
@@ -300,22 +297,6 @@ def _ready_banner(args, options, deployment, config, log_dir: Path) -> str:
         "A worker on another machine joins with (the same stage config, or the router refuses it):",
         *joins,
     ]) + reach + "\nStop: Ctrl-C (requests in flight finish, workers drain); a process that dies is restarted"
-
-
-def _generate(args) -> None:
-    import httpx
-
-    body = {"prompt": args.prompt, "size": args.size, "response_format": "b64_json"}
-    if args.seed is not None:
-        body["seed"] = args.seed
-    if args.steps is not None:
-        body["num_inference_steps"] = args.steps
-    response = httpx.post(f"{args.url}/v1/images/generations", json=body, timeout=None)
-    if response.status_code != 200:
-        sys.exit(f"error {response.status_code}: {response.text}")
-    data = response.json()
-    Path(args.out).write_bytes(base64.b64decode(data["data"][0]["b64_json"]))
-    print(json.dumps({"out": os.path.abspath(args.out), "timings": data.get("timings")}))
 
 
 if __name__ == "__main__":

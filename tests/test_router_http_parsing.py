@@ -153,7 +153,15 @@ class TestImageEditForm:
         assert resolve_size(body.size, LIMITS, auto_size=ImageSize(640, 480)) == ImageSize(640, 480)
 
     def test_unknown_form_field(self):
-        with pytest.raises(InvalidRequest, match="unknown field 'quality'"):
+        with pytest.raises(InvalidRequest, match="unknown field 'strength'"):
+            parse_body(ImageEditForm, {"prompt": "x", "strength": "0.5"}, LIMITS)
+
+    def test_openai_streaming_form_fields(self):
+        body = parse_body(ImageEditForm, {"prompt": "x", "stream": "true", "partial_images": "2", "quality": "low",
+                                          "stream_progress": "true", "output_compression": "80"}, LIMITS)
+        assert (body.stream, body.partial_images, body.quality, body.stream_progress, body.output_compression) == (
+            True, 2, "low", True, 80)
+        with pytest.raises(InvalidRequest, match="quality: Input should be 'low', 'medium', 'high' or 'auto'"):
             parse_body(ImageEditForm, {"prompt": "x", "quality": "hd"}, LIMITS)
 
 

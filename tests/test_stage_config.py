@@ -68,8 +68,10 @@ def test_fingerprint_covers_what_router_and_workers_share(tmp_path):
     assert differs(lambda r: r["stage_args"][1]["engine_args"].update(dtype="bfloat16"))
     assert differs(lambda r: r["stage_args"][0]["default_sampling_params"].update(top_k=16))
     assert differs(lambda r: r["bus"].update(peer_timeout_s=9.0))
-    # ... where a worker runs and where its weights lie may differ from node to node.
+    # ... where a worker runs, where its weights lie and its engine and capacity may differ.
     assert not differs(lambda r: r["stage_args"][0].update(devices="cuda:3"))
     assert not differs(lambda r: r.update(model="/elsewhere/GLM-Image"))
+    assert not differs(lambda r: r["stage_args"][0].update(engine="vllm"))
+    assert not differs(lambda r: r["stage_args"][0]["engine_args"].update(max_num_seqs=8, gpu_memory_utilization=0.5))
     # The shipped GPU config is not the tiny CPU one: a worker started with it is refused.
     assert load_stage_config(Path(CONFIGS[0]).parent / "glm_image.yaml").fingerprint() != base

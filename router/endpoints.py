@@ -30,7 +30,7 @@ from router.errors import InvalidRequest, NotFound
 from router.http_body import max_body_bytes, multipart_form, read_json_body, split_edit_form
 from router.image_request import GeneratedImage, ImageBackend, ImageRequest
 from router.images import ConditionImage, check_upload_size, decode_data_url, load_condition_image
-from router.openapi import ERROR_RESPONSES, json_body, multipart_body
+from router.openapi import STREAMING_RESPONSES, json_body, multipart_body
 from router.request_context import STATUS_CLIENT_CLOSED, client_request_id, log_tag, request_id
 from router.http_metrics import HttpMetrics
 from router.responses import chat_completion_response, images_response
@@ -215,13 +215,13 @@ class ImageAPI:
 def add_routes(app: FastAPI, api: ImageAPI) -> None:
     """Mount the endpoints of `api` on `app`."""
     app.add_api_route("/v1/images/generations", api.generations, methods=["POST"],
-                      response_model=ImagesResponse, responses=ERROR_RESPONSES,
+                      response_model=ImagesResponse, responses=STREAMING_RESPONSES,
                       openapi_extra=json_body(ImageGenerationRequest), summary="Create images")
     app.add_api_route("/v1/images/edits", api.edits, methods=["POST"],
-                      response_model=ImagesResponse, responses=ERROR_RESPONSES,
+                      response_model=ImagesResponse, responses=STREAMING_RESPONSES,
                       openapi_extra=multipart_body(ImageEditForm), summary="Create images from images")
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"],
-                      response_model=ChatCompletionResponse, responses=ERROR_RESPONSES,
+                      response_model=ChatCompletionResponse, responses=STREAMING_RESPONSES,
                       openapi_extra=json_body(ChatCompletionRequest), summary="Images through the chat API")
     app.add_api_route("/v1/models", api.list_models, methods=["GET"], response_model=ModelList)
     app.add_api_route("/health", api.health, methods=["GET"])

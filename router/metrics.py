@@ -20,4 +20,9 @@ class RouterMetrics:
         self.workers_refused = Counter(
             "glm_router_workers_refused", "Worker registrations refused, by reason (once per worker and config)",
             ["reason"], registry=registry)
+        self.result_cache = Counter(
+            "glm_router_result_cache", "Exact-repeat cache look-ups (requests with an explicit seed), by outcome",
+            ["outcome"], registry=registry)
+        self.result_cache_bytes = Gauge("glm_router_result_cache_bytes", "Image bytes held by the exact-repeat cache",
+                                        registry=registry)
         self.pending_images = Gauge("glm_router_pending_images", "Images admitted and not finished", registry=registry)

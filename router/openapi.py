@@ -19,6 +19,14 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+# Image endpoints answer with JSON, or with server-sent events when the body says `stream: true`.
+STREAMING_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    200: {"description": "The images (JSON), or with `stream: true` server-sent events (docs/streaming.md)",
+          "content": {"text/event-stream": {"schema": {"type": "object", "description": "the data of one event"}}}},
+}
+
+
 def json_body(model: type[BaseModel]) -> dict[str, Any]:
     """`openapi_extra` for an endpoint whose JSON body is `model`."""
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}

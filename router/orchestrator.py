@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Callable, TypeVar
@@ -46,6 +47,8 @@ from router.image_request import (
     StageProgress,
 )
 from router.metrics import RouterMetrics
+from router.result_cache import ResultCache, result_key
+from router.schemas import MAX_SEED
 from router.worker_pool import WorkerPool, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -129,6 +132,8 @@ class Orchestrator:
         self.model_name = model_name
         self.pending_images = 0
         self._recent_image_s = 10.0  # EMA of image latency, for Retry-After
+        self.results = ResultCache(config.router.result_cache_bytes, metrics)
+        self._config_fingerprint = config.fingerprint()
         # Read at scrape time, so the gauge is never stale.
         for stage in Stage:
             metrics.live_workers.labels(stage=stage.value).set_function(lambda s=stage: len(pool.live(s)))
@@ -149,7 +154,7 @@ class Orchestrator:
         self.pending_images += request.n
         self.metrics.pending_images.set(self.pending_images)
         deadline_at = time.monotonic() + self.config.router.request_deadline_s
-        base_seed = self.config.ar.default_sampling_params.seed if request.seed is None else request.seed
+        base_seed = self._base_seed(request)
         runs = [_ImageRun(request, i, base_seed + i, deadline_at, emit) for i in range(request.n)]
         for run in runs:
             emit(StageProgress(run.index, "queued", position=ahead + run.index))
@@ -162,6 +167,16 @@ class Orchestrator:
             await asyncio.gather(*tasks, return_exceptions=True)
             self.pending_images -= request.n
             self.metrics.pending_images.set(self.pending_images)
+
+    def _base_seed(self, request: ImageRequest) -> int:
+        """The request's seed, else the stage config's default, else a fresh random one, so two
+        identical calls without a seed give two different images (the seeds are returned)."""
+        if request.seed is not None:
+            return request.seed
+        default = self.config.ar.default_sampling_params.seed
+        if default is not None:
+            return default
+        return secrets.randbelow(MAX_SEED - request.n + 2)
 
     def _admit(self, request: ImageRequest) -> None:
         """Queue up to the configured bound beyond the live AR capacity, then refuse with Retry-After."""
@@ -208,9 +223,21 @@ class Orchestrator:
         request, index, seed = run.request, run.index, run.seed
         started = time.monotonic()
         original = self.build_original_prompt(request, seed)
+        sampling = self._ar_sampling(request, seed)
+        cache_key = None
+        if request.seed is not None and self.results.enabled:  # only an explicit seed can be asked for again
+            cache_key = result_key(original, sampling.temperature, sampling.top_p, sampling.top_k, self.model_name,
+                                   self._config_fingerprint)
+            cached = self.results.get(cache_key)
+            if cached is not None:
+                logger.info("[%s] image %d (seed %d, %s) answered from the result cache", request.log_tag, index,
+                            seed, request.size)
+                self.metrics.images.labels(outcome="cached").inc()
+                run.emit(ImageFinished(index, cached))
+                return cached
         ar_job = ARJob(
             prompt=ARPrompt(prompt=original.prompt, mm_processor_kwargs=original.mm_processor_kwargs, images=original.condition_images),
-            sampling=self._ar_sampling(request, seed),
+            sampling=sampling,
         )
         try:
             ar, ar_timings = await self._run_stage(Stage.AR, run, ar_job, ARResult)
@@ -251,6 +278,8 @@ class Orchestrator:
             },
             stage_sizes={"ar": ar.size, "dit": dit.size},
         )
+        if cache_key is not None:
+            self.results.put(cache_key, image)
         run.emit(ImageFinished(index, image))
         return image
 

@@ -9,12 +9,9 @@ from __future__ import annotations
 import signal
 
 import httpx
-import pytest
 
 from launch.local_cluster import Cluster, image_bytes, write_stage_config
 from tests.helpers import noise_png
-
-pytest.importorskip("vllm")
 
 GREEDY = {"default_sampling_params": {"temperature": 0}}
 # On CPU vLLM reserves this fraction of RAM for its KV cache.

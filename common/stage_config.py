@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.sizes import ImageSize, SizeLimits
 
@@ -72,16 +72,71 @@ class AREngineArgs(_ModelDtype):
     enforce_eager: bool = False
 
 
+class BlockCacheSettings(_Strict):
+    """cache-dit's DBCache ("dual block cache") on the DiT's transformer blocks.
+
+    Every denoising step runs the first `fn_compute_blocks` blocks; when their output moved less
+    than `residual_diff_threshold` (relative L1) since the previous step, the middle blocks are
+    skipped and their cached residual is added instead, and the last `bn_compute_blocks` blocks
+    run again. The defaults are cache-dit's own settings for GLM-Image (its `glm_image` example:
+    F1B0, threshold 0.12, 8 warm-up steps, at most 3 cached steps in a row). Measured effect and
+    trade-offs: docs/dit_speed.md.
+    """
+
+    fn_compute_blocks: int = Field(1, ge=1)
+    bn_compute_blocks: int = Field(0, ge=0)
+    # Higher skips more steps at more quality cost.
+    residual_diff_threshold: float = Field(0.12, gt=0)
+    # The first steps lay out the image and are never skipped. Also what keeps the condition-image
+    # KV passes of an edit whole: the runner widens it per job to cover them (see stage_dit/speedups.py).
+    max_warmup_steps: int = Field(8, ge=1)
+    # -1: no limit. Caps on skipped steps, in total and in a row, bound the drift.
+    max_cached_steps: int = Field(-1, ge=-1)
+    max_continuous_cached_steps: int = Field(3, ge=-1)
+
+
+class CompileSettings(_Strict):
+    """Regional `torch.compile` of the DiT's repeated transformer blocks (all blocks share one
+    compiled graph). `compile: true` in YAML means these defaults."""
+
+    # inductor generates fused kernels (the speed-up); aot_eager only traces (no speed-up, no
+    # C/Triton compiler needed): it checks the capture itself, which the fast tests use.
+    backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    # inductor's mode; "max-autotune-no-cudagraphs" tunes longer for a little more speed.
+    # CUDA-graph modes are not offered: prompt lengths and sizes vary per job.
+    mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
+
+
 class DiTEngineArgs(_ModelDtype):
-    """The DiT worker runs one job at a time (the diffusers pipeline keeps per-call state);
-    a deployment scales it with more workers, so there is no batch size to set."""
+    """The DiT worker runs one job at a time (the diffusers pipeline keeps per-call state, and
+    batching two jobs costs about twice as much per step: docs/dit_speed.md); a deployment
+    scales it with more workers, so there is no batch size to set.
+
+    The speed-ups are off unless set: `cache` (cache-dit block caching: fewer transformer blocks
+    per step, a slightly different image) and `compile` (torch.compile of the repeated
+    transformer blocks: the same image within float tolerance, a one-off compile per shape)."""
+
+    cache: BlockCacheSettings | None = None
+    compile: CompileSettings | None = None
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_shorthand(cls, value: Any) -> Any:
+        # `compile: true` / `false` read as the default settings / off.
+        if value is True:
+            return CompileSettings()
+        if value is False:
+            return None
+        return value
 
 
 class ARSamplingDefaults(_Strict):
     temperature: float = Field(0.9, ge=0)
     top_p: float = Field(0.75, gt=0, le=1)
     top_k: int = Field(16512, ge=0)
-    seed: int = 42
+    # The seed of image 0 of a request that sends none; None: a fresh random seed per request
+    # (returned in the response's `seeds`), so two identical calls give two different images.
+    seed: int | None = Field(None, ge=0)
 
 
 class QualitySteps(_Strict):
@@ -95,7 +150,6 @@ class QualitySteps(_Strict):
 class DiTSamplingDefaults(_Strict):
     num_inference_steps: int = Field(50, ge=1)
     guidance_scale: float = Field(1.5, ge=0)
-    seed: int = 42
     quality_steps: QualitySteps = QualitySteps()
 
 
@@ -136,6 +190,9 @@ class RouterSettings(_Strict):
     queue_limit_per_stage: int = Field(64, ge=0)
     # How long a job may wait for a live worker of its stage to appear before a 503.
     no_worker_grace_s: float = Field(5.0, ge=0)
+    # Bytes of finished images kept to answer exact repeats of requests with an explicit seed
+    # (least recently used first out); 0 turns the cache off.
+    result_cache_bytes: int = Field(0, ge=0)
 
 
 class StageConfig(_Strict):
@@ -160,18 +217,22 @@ class StageConfig(_Strict):
         return self.ar if stage == "ar" else self.dit
 
     def fingerprint(self) -> str:
-        """A hash of what the router and every worker must agree on: the bus timing and, per
-        stage, the dtype, sampling defaults and deadlines (another dtype changes the images).
+        """A hash of what the router and every worker must agree on: the bus timing and what
+        decides an image's bytes: per stage the dtype, sampling defaults and deadlines, and the
+        DiT's speed-ups (block caching changes the image, compiled kernels round differently).
 
         Left out is what a deployment may vary per worker: where it runs (`devices`), where its
-        weights lie (`model`), and its engine and capacity (`engine`, batch size, memory share,
+        weights lie (`model`), and the AR's engine and capacity (`engine`, batch size, memory share,
         parallelism): a vLLM worker may join transformers workers (their greedy tokens are
         identical; sampled tokens come from different samplers)."""
-        shared = {"bus": self.bus.model_dump(mode="json"), "stages": [
-            {"dtype": stage.engine_args.dtype,
-             "sampling": stage.default_sampling_params.model_dump(mode="json"),
-             "timeouts": stage.timeouts.model_dump(mode="json")}
-            for stage in self.stage_args]}
+        stages = []
+        for stage in self.stage_args:
+            stages.append({
+                "engine_args": (stage.engine_args.model_dump(mode="json") if stage.stage_type == "dit"
+                                else {"dtype": stage.engine_args.dtype}),
+                "sampling": stage.default_sampling_params.model_dump(mode="json"),
+                "timeouts": stage.timeouts.model_dump(mode="json")})
+        shared = {"bus": self.bus.model_dump(mode="json"), "stages": stages}
         return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -4,7 +4,7 @@
     glm-image-serve router      --stage-config stage_configs/glm_image.yaml --port 8000
     glm-image-serve ar-worker   --router tcp://ROUTER_HOST:5570 --model /path/to/GLM-Image
     glm-image-serve dit-worker  --router tcp://ROUTER_HOST:5570 --model /path/to/GLM-Image
-    glm-image-serve make-tiny-model --out models/tiny-glm-image
+    glm-image-serve make-tiny-model --out models/tiny-glm-image [--preset real-shape]
     glm-image-serve generate --url http://127.0.0.1:8000 --prompt "a cat" --size 512x512 --out cat.png   # client
 """
 
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny-model", help="build the tiny random-weight GLM-Image (no network)")
     tiny.add_argument("--out", required=True, help="output folder")
     tiny.add_argument("--overwrite", action="store_true", help="rebuild even if the folder exists")
+    tiny.add_argument("--preset", choices=["tiny", "real-shape"], default="tiny",
+                      help="tiny widths (default), or the released configuration with 1 layer per stack in bfloat16 "
+                           "(~3 GB; see docs/model_facts.md)")
 
     from launch import client
 
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "make-tiny-model":
         from launch.tiny_model import build_tiny_model
 
-        print(build_tiny_model(args.out, overwrite=args.overwrite))
+        print(build_tiny_model(args.out, overwrite=args.overwrite, preset=args.preset))
         return
     if args.command == "generate":
         from launch.client import run

@@ -1,82 +1,303 @@
-"""Build a tiny random-weight GLM-Image in the real diffusers folder layout.
+"""Build a random-weight GLM-Image in the real diffusers folder layout, in one of two presets.
 
-Every component is the real class built from a small config and written with
+Every component is the real class built from a config and written with
 `save_pretrained`, so workers load it through exactly the same
 `from_pretrained` code as the real `zai-org/GLM-Image` weights. Nothing comes
 from a hub. The weights are seeded, so two builds give identical files.
 
-Token layout mirrors the real model at a smaller scale: image codes
-`0..C-1`, `C` = image start / generation BOS (`<|dit_token_C|>`), `C+1` =
-image end / EOS, `vision_vocab_size` = C + 8; text tokens follow.
+Presets (`PRESETS`):
+
+- `tiny`: small widths everywhere, float32; what the test suite and the CPU
+  launcher serve.
+- `real-shape`: the released model's configuration (hidden sizes, heads and KV
+  heads, head_dim, rope and M-RoPE sections, vocabularies and special-token ids,
+  vision encoder, VQ codebook, DiT widths and patching, VAE channels, glyph
+  encoder), with one layer per stack, in bfloat16. Every number is cited in
+  docs/model_facts.md ("The released configuration"). About 3 GB on disk.
+
+Token layout (both presets, as in the real model): image codes `0..C-1`, `C` =
+image start / generation BOS (`<|dit_token_C|>`), `C+1` = image end / EOS,
+`vision_vocab_size` = C + 128 (real) or C + 8 (tiny) ids the lm_head covers; text
+tokens follow. The real-shape tokenizer puts its special tokens at the released
+ids (GLM-4's ids shifted by the vision vocabulary) and pads the vocabulary to
+168064 with reserved tokens.
+
+The AR decoder is re-initialised with a width-independent scale (`_diversify_ar`)
+so that greedy decoding depends on the position: with the default 0.02 init the
+tiny model wrote almost one id for a whole grid, and a wrong decode position
+could not change it.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
-# Sizes chosen so both engines run the real code quickly on 2 CPU cores:
-# AR head_dim 32 is the smallest head size vLLM's CPU attention accepts.
+BUILD_SEED = 1234
+# Bumped whenever the generated files change, so that cached builds are rebuilt.
+BUILD_VERSION = 2
+STAMP_FILE = "glm_image_serve_build.json"
+
+# Kept for callers that import them: the tiny preset's sizes.
 CODEBOOK_SIZE = 128
 VISION_VOCAB_SIZE = CODEBOOK_SIZE + 8
 AR_HIDDEN = 64
 AR_HEADS = 2
 AR_HEAD_DIM = 32
 VISION_HIDDEN = 32
-BUILD_SEED = 1234
 
-# One condition image renders as <image start><|image|>...<image end> before the text;
-# no role markers (GLM-Image's prompt format).
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}"
-    "{{ '<|dit_token_" + str(CODEBOOK_SIZE) + "|><|image|><|dit_token_" + str(CODEBOOK_SIZE + 1) + "|>' }}"
-    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{%- endfor -%}"
+_BYTE_SPECIALS = ["<|endoftext|>", "[gMASK]", "<sop>", "<eop>", "<|image|>", "<|user|>", "<|assistant|>"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything that differs between the tiny and the real-shape model."""
+
+    name: str
+    dtype: str  # what the weights are saved in
+    codebook_size: int
+    vision_vocab_size: int
+    # None: specials right after the vision tokens, then bytes, vocabulary = what that gives.
+    # Otherwise: each special at this id, bytes after the vision vocabulary, reserved fillers up to `vocab_size`.
+    special_ids: dict[str, int] | None
+    vocab_size: int | None
+    text: dict = field(default_factory=dict)  # GlmImageTextConfig fields (vocab/ids filled in)
+    vision: dict = field(default_factory=dict)  # GlmImageVisionConfig
+    vq: dict = field(default_factory=dict)  # GlmImageVQVAEConfig (num_embeddings filled in)
+    glyph: dict = field(default_factory=dict)  # T5Config of the ByT5 glyph encoder
+    vae: dict = field(default_factory=dict)  # AutoencoderKL
+    dit: dict = field(default_factory=dict)  # GlmImageTransformer2DModel
+    # Sampling defaults written into the AR's generation_config (the released ones; top_k = vision vocab).
+    temperature: float = 0.9
+    top_p: float = 0.75
+
+
+# Sizes chosen so both engines run the real code quickly on 2 CPU cores:
+# AR head_dim 32 is the smallest head size vLLM's CPU attention accepts.
+TINY = Preset(
+    name="tiny",
+    dtype="float32",
+    codebook_size=CODEBOOK_SIZE,
+    vision_vocab_size=VISION_VOCAB_SIZE,
+    special_ids=None,
+    vocab_size=None,
+    text={
+        "hidden_size": AR_HIDDEN,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": AR_HEADS,
+        "num_key_value_heads": 1,
+        "head_dim": AR_HEAD_DIM,
+        "max_position_embeddings": 8192,
+        # mrope_section sums to head_dim * partial_rotary_factor / 2.
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "mrope_section": [2, 3, 3],
+        },
+    },
+    vision={
+        "depth": 1,
+        "hidden_size": VISION_HIDDEN,
+        "num_heads": 2,
+        "intermediate_size": 64,
+        "patch_size": 16,
+        "spatial_merge_size": 1,
+        "image_size": 512,
+    },
+    vq={"embed_dim": 16, "latent_channels": VISION_HIDDEN},
+    glyph={"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_heads": 4},
+    vae={
+        "block_out_channels": (8, 8, 8, 8),  # 4 blocks: VAE scale factor 8
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 4,
+        "latents_mean": [0.0] * 4,
+        "latents_std": [1.0] * 4,
+    },
+    dit={
+        "patch_size": 2,
+        "in_channels": 4,
+        "out_channels": 4,
+        "num_layers": 1,
+        "attention_head_dim": 8,
+        "num_attention_heads": 2,
+        "text_embed_dim": 32,
+        "time_embed_dim": 16,
+        "condition_dim": 8,
+    },
 )
 
+# The released zai-org/GLM-Image configuration with one layer per stack. Sources, per field,
+# in docs/model_facts.md ("The released configuration"):
+# [T] transformers 5.17 configuration_glm_image.py defaults, documented as zai-org/GLM-Image's;
+# [M] transformers modeling_glm_image.py (mrope_section default [8, 12, 12]);
+# [G] GLM-4's tokenizer ids shifted by the 16512 vision ids (167841 = 151329 + 16512 is [T]'s pad id,
+#     167855 = 151343 + 16512 its image_token_id);
+# [F] FastVideo's GLM-Image DiT and VAE configs (hao-ai-lab/FastVideo fastvideo/configs/models/
+#     {dits,vaes}/glm_image.py), which load the released transformer/ and vae/ weights strictly;
+# [B] google/byt5-small (the glyph encoder's d_model 1472 = the DiT's text_embed_dim).
+_REAL_LATENTS_MEAN = [-0.2080078125, 1.875, -0.470703125, -1.265625, -1.421875, 0.77734375, -0.3671875,
+                      -0.9453125, 0.318359375, 0.7734375, -0.1884765625, -0.022216796875, -0.220703125,
+                      -1.59375, -0.81640625, -0.255859375]  # [F]
+_REAL_LATENTS_STD = [3.0625, 2.203125, 2.265625, 4.84375, 2.5, 3.9375, 2.203125, 3.03125, 2.1875, 2.046875,
+                     2.71875, 2.390625, 2.390625, 2.453125, 2.25, 2.15625]  # [F]
+REAL_SHAPE = Preset(
+    name="real-shape",
+    dtype="bfloat16",
+    codebook_size=16384,  # [T] vq_config.num_embeddings
+    vision_vocab_size=16512,  # [T]
+    special_ids={  # [G]
+        "<|endoftext|>": 167841,
+        "[gMASK]": 167843,
+        "<sop>": 167845,
+        "<eop>": 167846,
+        "<|user|>": 167848,
+        "<|assistant|>": 167849,
+        "<|image|>": 167855,
+    },
+    vocab_size=168064,  # [T]
+    text={
+        "hidden_size": 4096,  # [T]
+        "intermediate_size": 13696,  # [T]
+        "num_hidden_layers": 1,  # released: 40 [T]
+        "num_attention_heads": 32,  # [T]
+        "num_key_value_heads": 2,  # [T]
+        "head_dim": 128,  # [T] hidden_size / num_attention_heads
+        "max_position_embeddings": 131072,  # [T]
+        "rms_norm_eps": 1e-5,  # [T]
+        "attention_bias": True,  # [T]
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,  # [M] GLM-4 family
+            # [M]: mrope_section [8, 12, 12] sums to 32 = head_dim * 0.5 / 2.
+            "partial_rotary_factor": 0.5,
+            "mrope_section": [8, 12, 12],
+        },
+    },
+    vision={
+        "depth": 1,  # released: 40 [T]
+        "hidden_size": 1536,  # [T]
+        "num_heads": 16,  # [T]
+        "intermediate_size": 6144,  # [T]
+        "patch_size": 16,  # [T]
+        "spatial_merge_size": 1,  # [T]
+        "image_size": 2048,  # [T]
+    },
+    vq={"embed_dim": 2048, "latent_channels": 1536},  # [T]
+    # [B] byt5-small: d_model 1472, d_kv 64, d_ff 3584, 6 heads, gated-gelu; released 12 layers.
+    glyph={"d_model": 1472, "d_kv": 64, "d_ff": 3584, "num_layers": 1, "num_heads": 6},
+    vae={
+        "block_out_channels": (128, 512, 1024, 1024),  # [F]
+        "layers_per_block": 1,  # released: 3 [F]
+        "latent_channels": 16,  # [F]
+        "norm_num_groups": 32,  # [F]
+        "mid_block_add_attention": False,  # [F]
+        "use_quant_conv": False,  # [F]
+        "use_post_quant_conv": False,  # [F]
+        "force_upcast": True,  # [F]
+        "sample_size": 1024,  # [F]
+        "scaling_factor": 0.18215,  # [F]
+        "latents_mean": _REAL_LATENTS_MEAN,
+        "latents_std": _REAL_LATENTS_STD,
+    },
+    dit={
+        "patch_size": 2,  # [F]
+        "in_channels": 16,  # [F]
+        "out_channels": 16,  # [F]
+        "num_layers": 1,  # released: 30 [F]
+        "attention_head_dim": 128,  # [F]
+        "num_attention_heads": 32,  # [F] inner width 4096
+        "text_embed_dim": 1472,  # [F] = [B] d_model
+        "time_embed_dim": 512,  # [F]
+        "condition_dim": 256,  # [F]
+    },
+)
 
-def _build_glm_tokenizer():
-    """A byte-level GLM-style tokenizer: dit tokens at ids 0..V-1, then specials, then bytes."""
+PRESETS = {p.name: p for p in (TINY, REAL_SHAPE)}
+
+
+def _chat_template(preset: Preset) -> str:
+    """One condition image renders as <image start><|image|>...<image end> before the text; no role markers."""
+    start, end = preset.codebook_size, preset.codebook_size + 1
+    return (
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}{%- for item in message['content'] -%}"
+        "{%- if item['type'] == 'image' -%}"
+        "{{ '<|dit_token_" + str(start) + "|><|image|><|dit_token_" + str(end) + "|>' }}"
+        "{%- elif item['type'] == 'text' -%}{{ item['text'] }}"
+        "{%- endif -%}{%- endfor -%}{%- endif -%}"
+        "{%- endfor -%}"
+    )
+
+
+def _vocab(preset: Preset) -> dict[str, int]:
+    """Token -> id: dit tokens at 0..V-1, then bytes and specials (at their released ids for real-shape)."""
+    from tokenizers import pre_tokenizers
+
+    dit_tokens = [f"<|dit_token_{i}|>" for i in range(preset.vision_vocab_size)]
+    byte_alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    if preset.special_ids is None:
+        for tok in dit_tokens + _BYTE_SPECIALS + byte_alphabet:
+            vocab.setdefault(tok, len(vocab))
+        return vocab
+    for tok in dit_tokens + byte_alphabet:
+        vocab.setdefault(tok, len(vocab))
+    taken = set(preset.special_ids.values())
+    if min(taken) < len(vocab) or max(taken) >= preset.vocab_size:
+        raise ValueError(f"{preset.name}: special ids must lie in {len(vocab)}..{preset.vocab_size - 1}")
+    # Reserved fillers up to the released vocabulary size, so every id the lm_head or the
+    # embedding can see has a token and the specials sit at their released ids.
+    filler = 0
+    for i in range(len(vocab), preset.vocab_size):
+        if i in taken:
+            continue
+        while f"<|reserved_{filler}|>" in vocab:
+            filler += 1
+        vocab[f"<|reserved_{filler}|>"] = i
+        filler += 1
+    vocab.update(preset.special_ids)
+    return vocab
+
+
+def _build_glm_tokenizer(preset: Preset = TINY):
+    """A byte-level GLM-style tokenizer over the preset's vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    dit_tokens = [f"<|dit_token_{i}|>" for i in range(VISION_VOCAB_SIZE)]
-    specials = ["<|endoftext|>", "[gMASK]", "<sop>", "<eop>", "<|image|>", "<|user|>", "<|assistant|>"]
-    byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab: dict[str, int] = {}
-    for tok in dit_tokens + specials + sorted(byte_alphabet):
-        vocab.setdefault(tok, len(vocab))
-    model = models.BPE(vocab=vocab, merges=[])
-    tok = Tokenizer(model)
+    vocab = _vocab(preset)
+    dit_tokens = [f"<|dit_token_{i}|>" for i in range(preset.vision_vocab_size)]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(dit_tokens + specials)
+    tok.add_special_tokens(dit_tokens + _BYTE_SPECIALS)
 
-    fast = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<|endoftext|>",
-        eos_token=f"<|dit_token_{CODEBOOK_SIZE + 1}|>",
-        bos_token=f"<|dit_token_{CODEBOOK_SIZE}|>",
+        eos_token=f"<|dit_token_{preset.codebook_size + 1}|>",
+        bos_token=f"<|dit_token_{preset.codebook_size}|>",
         extra_special_tokens={
             "image_token": "<|image|>",
             "grid_bos_token": "<sop>",
             "grid_eos_token": "<eop>",
         },
     )
-    return fast
 
 
-def _build_processor():
+def _build_processor(preset: Preset = TINY):
     from transformers import GlmImageProcessor
     from transformers.models.glm_image.image_processing_pil_glm_image import GlmImageImageProcessorPil
 
     image_processor = GlmImageImageProcessorPil(
-        patch_size=16,
+        patch_size=preset.vision["patch_size"],
         merge_size=1,
         temporal_patch_size=1,
         # Condition images arrive with sides in 256..2048 (the router normalises them),
@@ -84,108 +305,111 @@ def _build_processor():
         min_pixels=256 * 256,
         max_pixels=2048 * 2048,
     )
-    tokenizer = _build_glm_tokenizer()
-    return GlmImageProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    tokenizer = _build_glm_tokenizer(preset)
+    return GlmImageProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=_chat_template(preset))
 
 
-def _build_ar(processor):
+def _diversify_ar(model, seed: int) -> None:
+    """Re-draw the AR decoder's weights at a width-independent scale (deterministic).
+
+    Every decoder linear gets std g/sqrt(fan_in) (g = 1.5; 4 for q/k, so attention is sharp
+    and depends on the rotary positions), the embedding std 1, the lm_head std 3/sqrt(hidden)
+    (logits of std ~3: greedy near-ties are rare). Greedy 512x512 output then has many
+    distinct ids that change with the grid position, on any width.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    lm = model.model.language_model
+    with torch.no_grad():
+        for name, module in lm.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                gain = 4.0 if name.endswith(("q_proj", "k_proj")) else 1.5
+                _normal_(module.weight, gain / math.sqrt(module.in_features), gen)
+        _normal_(lm.embed_tokens.weight, 1.0, gen)
+        _normal_(model.lm_head.weight, 3.0 / math.sqrt(model.lm_head.in_features), gen)
+
+
+def _normal_(tensor, std: float, gen) -> None:
+    # Drawn in float32 row blocks (bounded memory) so both presets sample identically per element.
+    import torch
+
+    flat = tensor.view(tensor.shape[0], -1)
+    for start in range(0, flat.shape[0], 4096):
+        block = flat[start : start + 4096]
+        block.copy_(torch.randn(block.shape, generator=gen) * std)
+
+
+def _build_ar(processor, preset: Preset = TINY):
+    import torch
     from transformers import GenerationConfig, GlmImageConfig, GlmImageForConditionalGeneration
 
     tok = processor.tokenizer
-    config = GlmImageConfig(
-        text_config={
-            "vocab_size": len(tok),
-            "hidden_size": AR_HIDDEN,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": AR_HEADS,
-            "num_key_value_heads": 1,
-            "head_dim": AR_HEAD_DIM,
-            "max_position_embeddings": 8192,
-            "vision_vocab_size": VISION_VOCAB_SIZE,
-            "pad_token_id": tok.pad_token_id,
-            "eos_token_id": CODEBOOK_SIZE + 1,
-            # mrope_section sums to head_dim * partial_rotary_factor / 2.
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "partial_rotary_factor": 0.5,
-                "mrope_section": [2, 3, 3],
-            },
-        },
-        vision_config={
-            "depth": 1,
-            "hidden_size": VISION_HIDDEN,
-            "num_heads": 2,
-            "intermediate_size": 64,
-            "patch_size": 16,
-            "spatial_merge_size": 1,
-            "image_size": 512,
-        },
-        vq_config={"embed_dim": 16, "num_embeddings": CODEBOOK_SIZE, "latent_channels": VISION_HIDDEN},
-        image_token_id=tok.convert_tokens_to_ids("<|image|>"),
-        image_start_token_id=CODEBOOK_SIZE,
-        image_end_token_id=CODEBOOK_SIZE + 1,
+    c = preset.codebook_size
+    text = dict(preset.text)
+    text.update(
+        vocab_size=len(tok),
+        vision_vocab_size=preset.vision_vocab_size,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=c + 1,
     )
-    model = GlmImageForConditionalGeneration(config).eval()
+    config = GlmImageConfig(
+        text_config=text,
+        vision_config=dict(preset.vision),
+        vq_config={**preset.vq, "num_embeddings": c},
+        image_token_id=tok.convert_tokens_to_ids("<|image|>"),
+        image_start_token_id=c,
+        image_end_token_id=c + 1,
+    )
+    dtype = getattr(torch, preset.dtype)
+    model = GlmImageForConditionalGeneration._from_config(config, dtype=dtype).eval()
+    _diversify_ar(model, BUILD_SEED + 1)
     # The real checkpoint's sampling defaults. suppress_tokens keeps random weights from
     # sampling ids past the codebook when GlmImagePipeline runs the AR in-process (the
     # reference the tests compare against); our AR stage constrains decoding itself.
     model.generation_config = GenerationConfig(
         do_sample=True,
-        temperature=0.9,
-        top_p=0.75,
-        top_k=VISION_VOCAB_SIZE,
-        eos_token_id=CODEBOOK_SIZE + 1,
+        temperature=preset.temperature,
+        top_p=preset.top_p,
+        top_k=preset.vision_vocab_size,
+        eos_token_id=c + 1,
         pad_token_id=tok.pad_token_id,
-        bos_token_id=CODEBOOK_SIZE,
-        suppress_tokens=list(range(CODEBOOK_SIZE, VISION_VOCAB_SIZE)),
+        bos_token_id=c,
+        suppress_tokens=list(range(c, preset.vision_vocab_size)),
     )
     return model
 
 
-def _build_dit_components():
+def _build_dit_components(preset: Preset = TINY):
+    import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, GlmImageTransformer2DModel
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
+    dtype = getattr(torch, preset.dtype)
     glyph_tokenizer = ByT5Tokenizer()
     text_encoder = T5EncoderModel(
         T5Config(
             vocab_size=len(glyph_tokenizer),
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=1,
-            num_heads=4,
             feed_forward_proj="gated-gelu",
             is_encoder_decoder=False,
+            **preset.glyph,
         )
     ).eval()
-    latent_channels = 4
+    latent_channels = preset.vae["latent_channels"]
+    n_blocks = len(preset.vae["block_out_channels"])  # 4 blocks: VAE scale factor 8
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),  # 4 blocks: VAE scale factor 8
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=4,
-        latents_mean=[0.0] * latent_channels,
-        latents_std=[1.0] * latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * n_blocks,
+        up_block_types=("UpDecoderBlock2D",) * n_blocks,
+        **preset.vae,
     ).eval()
     transformer = GlmImageTransformer2DModel(
-        patch_size=2,
-        in_channels=latent_channels,
-        out_channels=latent_channels,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        text_embed_dim=32,
-        time_embed_dim=16,
-        condition_dim=8,
-        prior_vq_quantizer_codebook_size=CODEBOOK_SIZE,
+        prior_vq_quantizer_codebook_size=preset.codebook_size, **preset.dit
     ).eval()
+    if preset.dit["in_channels"] != latent_channels:
+        raise ValueError(f"{preset.name}: DiT in_channels must equal the VAE's latent channels")
+    # The released scheduler config (FlowMatchEulerDiscreteScheduler with dynamic shifting).
     scheduler = FlowMatchEulerDiscreteScheduler(
         base_shift=0.25,
         max_shift=0.75,
@@ -193,21 +417,42 @@ def _build_dit_components():
         use_dynamic_shifting=True,
         time_shift_type="linear",
     )
-    return glyph_tokenizer, text_encoder, vae, transformer, scheduler
+    return glyph_tokenizer, text_encoder.to(dtype), vae.to(dtype), transformer.to(dtype), scheduler
 
 
-def build_tiny_model(out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write the tiny GLM-Image to `out_dir` (atomically) and return its path."""
+def _stamp(preset: Preset) -> dict:
+    return {"preset": preset.name, "build_version": BUILD_VERSION, "seed": BUILD_SEED}
+
+
+def is_built(out_dir: str | Path, preset: str = "tiny") -> bool:
+    """Whether `out_dir` holds a complete build of `preset` by this version of the generator."""
+    out = Path(out_dir)
+    stamp = out / STAMP_FILE
+    if not (out / "model_index.json").exists() or not stamp.exists():
+        return False
+    try:
+        return json.loads(stamp.read_text()) == _stamp(PRESETS[preset])
+    except ValueError:
+        return False
+
+
+def build_tiny_model(out_dir: str | Path, overwrite: bool = False, preset: str = "tiny") -> Path:
+    """Write the random-weight GLM-Image of `preset` ("tiny" or "real-shape") to `out_dir`; return its path.
+
+    A complete build by this generator version is reused unless `overwrite`; anything else in
+    `out_dir` (an older build, another preset) is replaced. The folder appears atomically.
+    """
     import torch
     from diffusers import GlmImagePipeline
 
+    spec = PRESETS[preset]
     out = Path(out_dir)
-    if (out / "model_index.json").exists() and not overwrite:
+    if not overwrite and is_built(out, preset):
         return out
     torch.manual_seed(BUILD_SEED)
-    processor = _build_processor()
-    ar = _build_ar(processor)
-    glyph_tokenizer, text_encoder, vae, transformer, scheduler = _build_dit_components()
+    processor = _build_processor(spec)
+    ar = _build_ar(processor, spec)
+    glyph_tokenizer, text_encoder, vae, transformer, scheduler = _build_dit_components(spec)
     pipe = GlmImagePipeline(
         tokenizer=glyph_tokenizer,
         processor=processor,
@@ -217,13 +462,18 @@ def build_tiny_model(out_dir: str | Path, overwrite: bool = False) -> Path:
         transformer=transformer,
         scheduler=scheduler,
     )
-    tmp = out.with_name(out.name + ".building")
+    tmp = out.with_name(f"{out.name}.building-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
+    del pipe, ar, text_encoder, vae, transformer
     _fix_model_index(tmp / "model_index.json")
+    (tmp / STAMP_FILE).write_text(json.dumps(_stamp(spec)) + "\n")
+    # Swap in place: a concurrent reader sees the old folder or the new one, never half of one.
+    old = out.with_name(f"{out.name}.old-{os.getpid()}")
     if out.exists():
-        shutil.rmtree(out)
+        out.rename(old)
     tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 

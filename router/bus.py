@@ -144,7 +144,7 @@ class RouterBus:
                 pending.future.set_exception(exception)
             else:
                 pending.future.set_result(result)
-        self._notify_slots()
+        self.notify_slots()
 
     async def wait_for_slots(self, timeout: float) -> None:
         """Return when a worker slot may have opened or a worker appeared, or after `timeout` seconds."""
@@ -153,7 +153,8 @@ class RouterBus:
         except asyncio.TimeoutError:
             pass
 
-    def _notify_slots(self) -> None:
+    def notify_slots(self) -> None:
+        """Wake everyone waiting in wait_for_slots (a slot may have opened, or the line moved)."""
         self._slots_event.set()
         self._slots_event = asyncio.Event()
 
@@ -209,7 +210,7 @@ class RouterBus:
                 logger.info("worker %s registered: stage=%s capacity=%d host=%s", info.worker_id, info.stage.value, info.capacity, info.host)
                 self._spawn(self._send(identity, RouterPing()))
                 # Only a new worker opens slots here; finished jobs notify in _finish.
-                self._notify_slots()
+                self.notify_slots()
         elif isinstance(message, Goodbye):
             state = self.pool.workers.get(message.worker_id)
             if state is not None and state.identity == identity:

@@ -133,6 +133,8 @@ class Orchestrator:
         self.pending_images = 0
         self._recent_image_s = 10.0  # EMA of image latency, for Retry-After
         self.results = ResultCache(config.router.result_cache_bytes, metrics)
+        # Per stage, the jobs waiting for a free worker slot, oldest first.
+        self._waiting: dict[Stage, list[object]] = {stage: [] for stage in Stage}
         self._config_fingerprint = config.fingerprint()
         # Read at scrape time, so the gauge is never stale.
         for stage in Stage:
@@ -347,22 +349,37 @@ class Orchestrator:
         raise _classify_error(stage, reply)
 
     async def _acquire(self, stage: Stage, deadline_at: float) -> WorkerState:
-        """Wait for a free slot on a live worker of the stage. With no live worker at all for
-        `no_worker_grace_s`, fail fast with 503 naming the stage."""
+        """Wait, first come first served, for a free slot on a live worker of the stage. With no
+        live worker at all for `no_worker_grace_s`, fail fast with 503 naming the stage."""
         grace = self.config.router.no_worker_grace_s
         no_worker_since: float | None = None
-        while True:
-            worker = self.pool.pick(stage)
-            if worker is not None:
-                return worker
-            now = time.monotonic()
-            if self.pool.live(stage):
-                no_worker_since = None
-            else:
-                no_worker_since = no_worker_since or now
-                if now - no_worker_since >= grace:
-                    raise NoLiveWorkers(f"no live {stage.value} worker is registered; start one or retry later", retry_after_s=5)
-            if now >= deadline_at:
-                raise DeadlineExceeded(f"request deadline passed while waiting for a free {stage.value} worker")
-            # Woken by any registration or finished job; the timeout re-checks liveness.
-            await self.bus.wait_for_slots(min(0.5, max(deadline_at - now, 0.01)))
+        line = self._waiting[stage]
+        ticket = object()
+        line.append(ticket)
+        try:
+            while True:
+                # Only the oldest waiters may take the free slots: any wake-up reaches every waiter,
+                # and without this the newest could take a slot ahead of those waiting longest.
+                if line.index(ticket) < self.pool.free_slots(stage):
+                    worker = self.pool.pick(stage)
+                    if worker is not None:
+                        return worker
+                no_worker_since = self._check_waiting(stage, deadline_at, grace, no_worker_since)
+                # Woken by any registration or finished job; the timeout re-checks liveness.
+                await self.bus.wait_for_slots(min(0.5, max(deadline_at - time.monotonic(), 0.01)))
+        finally:
+            line.remove(ticket)
+            self.bus.notify_slots()  # the line moved: the next waiters may now be among the oldest
+
+    def _check_waiting(self, stage: Stage, deadline_at: float, grace: float, no_worker_since: float | None) -> float | None:
+        """Raise when waiting for `stage` must end; return since when no worker has been live."""
+        now = time.monotonic()
+        if self.pool.live(stage):
+            no_worker_since = None
+        else:
+            no_worker_since = no_worker_since or now
+            if now - no_worker_since >= grace:
+                raise NoLiveWorkers(f"no live {stage.value} worker is registered; start one or retry later", retry_after_s=5)
+        if now >= deadline_at:
+            raise DeadlineExceeded(f"request deadline passed while waiting for a free {stage.value} worker")
+        return no_worker_since

@@ -65,6 +65,10 @@ class WorkerPool:
         candidates = [w for w in self.live(stage) if w.free_slots > 0]
         return min(candidates, key=lambda w: (w.load, len(w.assigned), w.info.worker_id), default=None)
 
+    def free_slots(self, stage: Stage) -> int:
+        """Slots of the stage's live workers that no job of this router holds."""
+        return sum(max(0, w.free_slots) for w in self.live(stage))
+
     def capacity(self, stage: Stage) -> int:
         return sum(w.info.capacity for w in self.live(stage))
 

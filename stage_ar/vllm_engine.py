@@ -106,6 +106,26 @@ class VllmAREngine(AREngine):
 
         Cancelling the awaiting task aborts the request in vLLM (AsyncLLM does so when
         its output stream is closed)."""
+        output, _ = await self._generate(request, on_tokens, None)
+        return output
+
+    async def generate_with_logprobs(
+        self, request: ARGenerationRequest, num_logprobs: int
+    ) -> tuple[ARGenerationOutput, list[dict[int, float]]]:
+        """`generate`, plus for each sampled grid token (not the appended EOS) the log-probabilities
+        of the `num_logprobs` likeliest ids and of the sampled one.
+
+        For parity tests. vLLM's default `logprobs_mode` ("raw_logprobs") takes them from the
+        model's logits before any logits processor, so before the `allowed_token_ids` mask: the
+        log-softmax over the lm_head's vision vocabulary (`compute_logits` pads the rest with -inf)."""
+        return await self._generate(request, None, num_logprobs)
+
+    async def _generate(
+        self,
+        request: ARGenerationRequest,
+        on_tokens: Callable[[int], None] | None,
+        num_logprobs: int | None,
+    ) -> tuple[ARGenerationOutput, list[dict[int, float]]]:
         from vllm import SamplingParams
 
         layout = token_layout(request.size, image_to_image=bool(request.condition_images))
@@ -118,6 +138,7 @@ class VllmAREngine(AREngine):
             seed=request.seed,
             max_tokens=layout.tokens_to_generate - 1,
             allowed_token_ids=list(range(self._codebook_size)),
+            logprobs=num_logprobs,
             detokenize=False,
         )
         final = None
@@ -135,11 +156,16 @@ class VllmAREngine(AREngine):
             )
         tokens = np.asarray(grid + [self._eos], dtype=np.int64)
         target = tokens[layout.target_offset : layout.target_offset + layout.target.tokens]
-        return ARGenerationOutput(
+        output = ARGenerationOutput(
             generated_token_ids=tokens,
             prior_token_ids=target.reshape(layout.target.rows, layout.target.cols),
             prior_token_image_ids=cond_grids,
         )
+        logprobs = [
+            {int(tok): float(lp.logprob) for tok, lp in step.items()}
+            for step in (final.outputs[0].logprobs or [])
+        ]
+        return output, logprobs
 
     async def shutdown(self) -> None:
         engine, self._engine = self._engine, None

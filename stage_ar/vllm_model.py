@@ -25,6 +25,7 @@ code ids and grids (see `GlmImageMultiModalProcessor`).
 
 from __future__ import annotations
 
+import os
 import re
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -68,6 +69,14 @@ INDEX_BITS = 13  # up to 8192 generated tokens (2048x2048 text-to-image needs 43
 LAYOUT_BITS = 17
 FLAG = 1 << 30
 MAX_LAYOUTS = 1 << LAYOUT_BITS
+
+# TEST HOOK, off unless set: break the decode positions on purpose, so the parity tests can show
+# they detect it (tests/test_vllm_engine.py). vLLM builds the model in its own spawned process,
+# which inherits the environment of the process that created the engine. Values:
+#   "linear"      - stock vLLM: decode positions continue linearly after the prompt;
+#   "grid-start+1" - the 2D layout, with every generated grid starting one position late.
+BROKEN_DECODE_POSITIONS_ENV = "GLM_IMAGE_TEST_BROKEN_DECODE_POSITIONS"
+BROKEN_DECODE_POSITIONS = ("linear", "grid-start+1")
 
 
 class DecodeLayouts:
@@ -418,6 +427,11 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMR
         self.codebook_size = config.vq_config.num_embeddings
         self._grid_markers = _GridMarkers(vllm_config.model_config.tokenizer)
         self._layouts = DecodeLayouts(vllm_config.device_config.device)
+        self._broken_positions = os.environ.get(BROKEN_DECODE_POSITIONS_ENV) or None
+        if self._broken_positions not in (None, *BROKEN_DECODE_POSITIONS):
+            raise ValueError(
+                f"{BROKEN_DECODE_POSITIONS_ENV}={self._broken_positions!r}: expected one of {BROKEN_DECODE_POSITIONS}"
+            )
 
     # --- M-RoPE ---
     def get_mrope_input_positions(
@@ -460,9 +474,12 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMR
                 "GLM-Image prompt lacks the <sop>h w<eop> grid scaffold; build it with the "
                 "GLM-Image processor (apply_chat_template with target_h/target_w)"
             )
+        if self._broken_positions == "linear":  # test hook (see BROKEN_DECODE_POSITIONS_ENV)
+            return positions, pos - len(input_tokens)
+        start = pos + 1 if self._broken_positions == "grid-start+1" else pos
         # The processor lists grids as (conditions..., target[, preview]); generation
         # runs them in reverse, preview first.
-        layout_id = self._layouts.intern(pos, list(reversed(grids[-n_decode:])))
+        layout_id = self._layouts.intern(start, list(reversed(grids[-n_decode:])))
         # vLLM's decode position for sequence index s is s + delta; make it encode
         # (layout_id, s - len(prompt)).
         delta = FLAG + (layout_id << INDEX_BITS) - len(input_tokens)

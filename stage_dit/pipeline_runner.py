@@ -26,6 +26,7 @@ from common.protocol import DiTJob, DiTResult
 from common.sizes import Grid, ImageSize
 from common.stage_config import DiTEngineArgs
 from common.worker_runtime import JobProgressReporter
+from stage_dit.speedups import BlockCache, CacheJobStats, compile_repeated_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,12 @@ class DiTPipelineRunner:
         self.pipe.set_progress_bar_config(disable=True)
         # The pipeline keeps per-call state on itself (guidance scale, interrupt flag).
         self._lock = threading.Lock()
+        # Optional speed-ups, set once here (stage_dit/speedups.py). Caching goes first: it
+        # patches the blocks' forward, which the compiled blocks then trace.
+        self.cache = BlockCache(self.pipe.transformer, engine_args.cache) if engine_args.cache else None
+        self.last_cache_stats: CacheJobStats | None = None
+        if engine_args.compile is not None:
+            compile_repeated_blocks(self.pipe.transformer, engine_args.compile)
 
     def run(self, job: DiTJob, cancel: threading.Event, progress: JobProgressReporter | None = None) -> DiTResult:
         """Denoise and decode one image. Stops at the next step once `cancel` is set; reports
@@ -79,6 +86,9 @@ class DiTPipelineRunner:
             if cancel.is_set():
                 raise Cancelled()
             generator = torch.Generator(device=self.device).manual_seed(op.seed)
+            if self.cache is not None:
+                # One transformer pass per condition image writes the edit's KV cache first.
+                self.cache.start_job(condition_passes=len(images), guidance_scale=op.guidance_scale)
             output = self.pipe(
                 prompt=op.prompt,
                 image=images or None,
@@ -93,6 +103,8 @@ class DiTPipelineRunner:
                 callback_on_step_end=watcher,
                 output_type="pil",
             )
+            if self.cache is not None:
+                self.last_cache_stats = self.cache.job_stats()
         if cancel.is_set():
             raise Cancelled()
         image = output.images[0]

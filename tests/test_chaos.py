@@ -94,7 +94,10 @@ def test_single_worker_loss_is_a_fast_503_then_recovers(tiny_model, tmp_path_fac
             victim = f"{stage}-0"
             offset = len(c.procs[victim].log())
             with ThreadPoolExecutor(1) as pool:
-                future = pool.submit(generate, c.url, seed=7, steps=STEPS, timeout=deadline + 30)
+                # Long enough a job that the kill lands while it runs (the tiny model is fast):
+                # 1281 AR tokens at 1024x1024, or 40 denoising steps.
+                slow = {"size": "1024x1024"} if stage == "ar" else {"steps": 40}
+                future = pool.submit(generate, c.url, seed=7, **{"steps": STEPS, **slow}, timeout=deadline + 30)
                 c.wait_for_log(victim, rf"job \S+\.{stage}\.\d+ started", timeout=120, start=offset)
                 c.kill(victim, signal.SIGKILL)
                 killed_at = time.monotonic()

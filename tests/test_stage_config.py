@@ -68,6 +68,8 @@ def test_fingerprint_covers_what_router_and_workers_share(tmp_path):
     assert differs(lambda r: r["stage_args"][1]["engine_args"].update(dtype="bfloat16"))
     assert differs(lambda r: r["stage_args"][0]["default_sampling_params"].update(top_k=16))
     assert differs(lambda r: r["bus"].update(peer_timeout_s=9.0))
+    assert differs(lambda r: r["stage_args"][1]["engine_args"].update(compile=True))
+    assert differs(lambda r: r["stage_args"][1]["engine_args"].update(cache={"residual_diff_threshold": 0.2}))
     # ... where a worker runs, where its weights lie and its engine and capacity may differ.
     assert not differs(lambda r: r["stage_args"][0].update(devices="cuda:3"))
     assert not differs(lambda r: r.update(model="/elsewhere/GLM-Image"))
@@ -75,3 +77,18 @@ def test_fingerprint_covers_what_router_and_workers_share(tmp_path):
     assert not differs(lambda r: r["stage_args"][0]["engine_args"].update(max_num_seqs=8, gpu_memory_utilization=0.5))
     # The shipped GPU config is not the tiny CPU one: a worker started with it is refused.
     assert load_stage_config(Path(CONFIGS[0]).parent / "glm_image.yaml").fingerprint() != base
+
+
+def test_the_tiny_vllm_config_differs_only_in_the_ar_engine():
+    tiny = load_stage_config(Path(CONFIGS[0]).parent / "glm_image_tiny_cpu.yaml")
+    vllm = load_stage_config(Path(CONFIGS[0]).parent / "glm_image_tiny_cpu_vllm.yaml")
+    assert (tiny.ar.engine, vllm.ar.engine) == ("transformers", "vllm")
+    assert vllm.ar.engine_args.max_num_seqs > 1
+    assert vllm.fingerprint() == tiny.fingerprint()  # its workers join a tiny router and vice versa
+
+
+def test_gpu_configs_batch_the_ar_stage_on_vllm_and_draw_fresh_seeds():
+    for name in ("glm_image.yaml", "glm_image_single_gpu.yaml"):
+        config = load_stage_config(Path(CONFIGS[0]).parent / name)
+        assert config.ar.engine == "vllm" and config.ar.engine_args.max_num_seqs >= 16, name
+        assert config.ar.default_sampling_params.seed is None, name

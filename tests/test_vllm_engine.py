@@ -1,9 +1,11 @@
 """The vLLM AR engine against transformers' GlmImageForConditionalGeneration.generate.
 
 Greedy decoding must give the same tokens, token for token, as transformers with a
-mask that allows only image codes at grid positions and EOS at the last one; for
+mask that allows only image codes at grid positions and EOS at the last one, and at every
+step the same log-probabilities within `FLOAT32_TOLERANCE` (tests/ar_parity.py); for
 image-to-image also the condition images' VQ ids (`prior_token_image_ids`), against
-the transformers engine (`TransformersAREngine`).
+the transformers engine (`TransformersAREngine`). The check has teeth: the same engine with
+stock linear decode positions, or its grids started one position late, fails it.
 vLLM (its CPU build) is part of the project environment, so this runs in the normal suite.
 """
 
@@ -19,6 +21,12 @@ from PIL import Image
 from common.sizes import ImageSize, token_layout
 from common.stage_config import AREngineArgs
 from stage_ar.engine import ARGenerationRequest
+from tests.ar_parity import FLOAT32_TOLERANCE, TOP_K, compare, distinct_share, reference_logprobs
+
+# The tiny model's greedy 512x512 grid must vary with the position (launch/tiny_model.py
+# `_diversify_ar`), or a wrong decode position could leave the output unchanged.
+MIN_DISTINCT_IDS = 50
+MAX_ID_SHARE = 0.2
 
 PROMPT = "a red fox in the snow"
 
@@ -30,21 +38,25 @@ def loop():
     loop.close()
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model, loop):
+def _start_engine(loop, model, max_num_seqs: int = 16):
     from stage_ar.vllm_engine import VllmAREngine
 
     async def start():
         # float32 like the transformers reference, so greedy argmaxes agree exactly.
         args = AREngineArgs(
             dtype="float32",
-            max_num_seqs=16,
+            max_num_seqs=max_num_seqs,
             gpu_memory_utilization=0.15,
             enforce_eager=True,
         )
-        return VllmAREngine(tiny_model, args, "cpu")
+        return VllmAREngine(model, args, "cpu")
 
-    eng = loop.run_until_complete(start())
+    return loop.run_until_complete(start())
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model, loop):
+    eng = _start_engine(loop, tiny_model)
     yield eng
     loop.run_until_complete(eng.shutdown())
 
@@ -76,12 +88,31 @@ def _generate(loop, engine, request):
     return loop.run_until_complete(engine.generate(request))
 
 
+def _assert_parity(loop, engine, transformers_engine, request):
+    """Greedy ids equal and every step's log-probabilities within tolerance; returns the comparison."""
+    out, logprobs = loop.run_until_complete(engine.generate_with_logprobs(request, TOP_K))
+    ref_tokens, ref_logprobs = reference_logprobs(transformers_engine, request)
+    parity = compare(out.generated_token_ids, logprobs, ref_tokens, ref_logprobs)
+    assert parity.tokens_equal, parity
+    assert parity.max_abs_diff <= FLOAT32_TOLERANCE, parity
+    return out
+
+
+def test_tiny_model_greedy_output_varies_with_position(loop, transformers_engine):
+    """Without this the parity below could not see a wrong position: one id everywhere."""
+    req = ARGenerationRequest("diverse", PROMPT, ImageSize(512, 512), temperature=0.0)
+    out = loop.run_until_complete(transformers_engine.generate(req))
+    distinct, share = distinct_share(out.generated_token_ids)
+    assert distinct >= MIN_DISTINCT_IDS and share <= MAX_ID_SHARE, (distinct, share)
+
+
+# 512x512: preview and target grids of the same shape; the others: different shapes, both ways.
 @pytest.mark.parametrize(("width", "height"), [(512, 512), (1024, 512), (512, 1024)])
 def test_t2i_greedy_matches_transformers(loop, engine, transformers_engine, vocab, width, height):
     req = ARGenerationRequest(
         f"t2i-{width}x{height}", PROMPT, ImageSize(width, height), temperature=0.0
     )
-    out = _generate(loop, engine, req)
+    out = _assert_parity(loop, engine, transformers_engine, req)
     ref = loop.run_until_complete(transformers_engine.generate(req))
     layout = token_layout(ImageSize(width, height), image_to_image=False)
     assert len(out.generated_token_ids) == layout.tokens_to_generate
@@ -110,7 +141,7 @@ def test_i2i_greedy_matches_transformers_engine(
         condition_images=images,
         temperature=0.0,
     )
-    out = _generate(loop, engine, req)
+    out = _assert_parity(loop, engine, transformers_engine, req)
     ref = loop.run_until_complete(transformers_engine.generate(req))
     layout = token_layout(ImageSize(width, height), image_to_image=True)
     assert len(out.generated_token_ids) == layout.tokens_to_generate
@@ -228,3 +259,32 @@ def test_cancelling_generate_aborts_in_vllm(loop, engine):
         assert engine._engine.get_num_unfinished_requests() == 0
 
     loop.run_until_complete(run())
+
+
+@pytest.mark.parametrize("broken", ["linear", "grid-start+1"])
+def test_parity_check_fails_with_wrong_decode_positions(loop, engine, tiny_model, transformers_engine, broken,
+                                                        monkeypatch):
+    """The parity check has teeth: vLLM with stock linear decode positions, or with the grids
+    started one position late (a test hook in stage_ar/vllm_model.py, read by vLLM's spawned
+    process from the environment), fails it for text-to-image and image-to-image."""
+    from stage_ar.vllm_model import BROKEN_DECODE_POSITIONS_ENV
+
+    # One engine at a time: vLLM on CPU reserves a share of RAM per engine.
+    loop.run_until_complete(engine.shutdown())
+    monkeypatch.setenv(BROKEN_DECODE_POSITIONS_ENV, broken)
+    broken_engine = _start_engine(loop, tiny_model, max_num_seqs=2)
+    monkeypatch.delenv(BROKEN_DECODE_POSITIONS_ENV)
+    try:
+        requests = [
+            ARGenerationRequest(f"broken-t2i-{broken}", PROMPT, ImageSize(512, 512), temperature=0.0),
+            ARGenerationRequest(f"broken-i2i-{broken}", PROMPT, ImageSize(256, 256),
+                                condition_images=_condition_images((384, 256)), temperature=0.0),
+        ]
+        for req in requests:
+            out, logprobs = loop.run_until_complete(broken_engine.generate_with_logprobs(req, TOP_K))
+            parity = compare(out.generated_token_ids, logprobs, *reference_logprobs(transformers_engine, req))
+            assert not parity.holds(FLOAT32_TOLERANCE), (req.job_id, parity)
+            # Not only the ids: the log-probabilities move far past the tolerance.
+            assert parity.max_abs_diff > 10 * FLOAT32_TOLERANCE, (req.job_id, parity)
+    finally:
+        loop.run_until_complete(broken_engine.shutdown())

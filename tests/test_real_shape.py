@@ -1,0 +1,179 @@
+"""The released GLM-Image shapes on CPU: the real-shape preset (launch/tiny_model.py).
+
+Same generator and `from_pretrained` path as the tiny model, with the released configuration
+(4096-wide GQA decoder with 32/2 heads, head_dim 128, partial rotary 0.5 and M-RoPE sections
+[8, 12, 12], vocab 168064 with the released special-token ids, 16384-code VQ, 4096-wide DiT over
+16 latent channels, ByT5-small glyph encoder) and one layer per stack, in bfloat16. Built once
+into models/ (gitignored) and reused while the generator's version is unchanged.
+
+- the vLLM engine equals the transformers engine on greedy ids and per-step log-probabilities,
+  text-to-image and image-to-image at 256x256;
+- the served image (router + AR worker + DiT worker, bfloat16) is pixel-identical to diffusers'
+  `GlmImagePipeline` run in one process on the same weights, text-to-image and image-to-image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from diffusers import GlmImagePipeline
+
+from common.sizes import ImageSize
+from common.stage_config import AREngineArgs
+from launch.local_cluster import Cluster, generate, write_stage_config
+from launch.tiny_model import REAL_SHAPE, build_tiny_model
+from stage_ar.engine import ARGenerationRequest
+from tests.ar_parity import FLOAT32_TOLERANCE, TOP_K, compare, distinct_share, reference_logprobs
+from tests.helpers import b64_image, noise_png, open_image
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = 'a poster that says "GLM"'
+STEPS = 2
+SIZE = ImageSize(256, 256)
+
+
+@pytest.fixture(scope="module")
+def real_shape_model() -> Path:
+    """The real-shape model; cached under models/ (gitignored), rebuilt when absent or stale (~40 s)."""
+    path = Path(os.environ.get("GLM_REAL_SHAPE_MODEL", ROOT / "models" / "real-shape-glm-image"))
+    return build_tiny_model(path, preset="real-shape")
+
+
+def test_built_with_the_released_configuration(real_shape_model):
+    """The files carry the released shapes (what vLLM and transformers read), one layer per stack."""
+    from transformers import AutoConfig, AutoProcessor
+
+    config = AutoConfig.from_pretrained(str(real_shape_model / "vision_language_encoder"))
+    text = config.text_config
+    assert (text.vocab_size, text.vision_vocab_size, text.hidden_size, text.intermediate_size) == (
+        168064, 16512, 4096, 13696)
+    assert (text.num_attention_heads, text.num_key_value_heads, text.head_dim) == (32, 2, 128)
+    assert text.rope_parameters["mrope_section"] == [8, 12, 12]
+    assert text.rope_parameters["partial_rotary_factor"] == 0.5
+    assert (config.image_token_id, config.image_start_token_id, config.image_end_token_id) == (167855, 16384, 16385)
+    assert (config.vq_config.num_embeddings, config.vision_config.hidden_size) == (16384, 1536)
+    assert config.dtype == torch.bfloat16
+    tok = AutoProcessor.from_pretrained(str(real_shape_model), subfolder="processor").tokenizer
+    assert len(tok) == 168064 and tok.pad_token_id == 167841
+    assert tok.convert_tokens_to_ids(["<|image|>", "<sop>", "<eop>"]) == [167855, 167845, 167846]
+
+
+# --- the vLLM engine against the transformers engine ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def ar_engines(real_shape_model, loop):
+    """(vLLM engine, transformers engine), both in float32 on the bfloat16 checkpoint.
+
+    float32 rather than bfloat16: vLLM's CPU build runs bfloat16, but its kernels round
+    differently from torch's eager ones, and over 16384 codes logits of bfloat16 precision
+    (8 bits) tie or swap often enough that greedy ids drift apart; in float32 both engines
+    compute the same function of the same (bfloat16-valued) weights to ~1e-5."""
+    from stage_ar.transformers_engine import TransformersAREngine
+    from stage_ar.vllm_engine import VllmAREngine
+
+    reference = TransformersAREngine(real_shape_model, AREngineArgs(dtype="float32"), "cpu")
+    args = AREngineArgs(dtype="float32", max_num_seqs=2, enforce_eager=True, max_model_len=4096)
+    with pytest.MonkeyPatch.context() as env:
+        # A fixed 1 GiB KV cache (one layer, 2 KV heads: ~2 KB a token) instead of a share of RAM,
+        # which would have to cover the ~4 GB float32 weights too. vLLM's process inherits it.
+        env.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        engine = loop.run_until_complete(_in_loop(lambda: VllmAREngine(real_shape_model, args, "cpu")))
+    yield engine, reference
+    loop.run_until_complete(engine.shutdown())
+
+
+async def _in_loop(factory):
+    return factory()
+
+
+@pytest.mark.parametrize("kind", ["t2i", "i2i"])
+def test_vllm_equals_transformers_on_real_shapes(loop, ar_engines, kind):
+    engine, reference = ar_engines
+    images = [open_image(noise_png(256, 256, seed=3)).convert("RGB")] if kind == "i2i" else []
+    req = ARGenerationRequest(f"real-{kind}", PROMPT, SIZE, condition_images=images, temperature=0.0)
+    out, logprobs = loop.run_until_complete(engine.generate_with_logprobs(req, TOP_K))
+    ref_tokens, ref_logprobs = reference_logprobs(reference, req)
+    parity = compare(out.generated_token_ids, logprobs, ref_tokens, ref_logprobs)
+    assert parity.tokens_equal, parity
+    assert parity.max_abs_diff <= FLOAT32_TOLERANCE, parity
+    # The real shapes give position-dependent output too (16384 codes).
+    distinct, share = distinct_share(out.generated_token_ids)
+    assert distinct >= 50 and share <= 0.2, (distinct, share)
+    if images:
+        ref = loop.run_until_complete(reference.generate(req))
+        assert [g.tolist() for g in out.prior_token_image_ids] == [g.tolist() for g in ref.prior_token_image_ids]
+
+
+# --- served image against GlmImagePipeline in one process ----------------------------------------
+
+# bfloat16 in both workers, the released sampling defaults (top_k = the vision vocabulary).
+REAL_SHAPE_STAGES = {
+    "stage_args": [
+        {"engine_args": {"dtype": "bfloat16"},
+         "default_sampling_params": {"temperature": REAL_SHAPE.temperature, "top_p": REAL_SHAPE.top_p,
+                                     "top_k": REAL_SHAPE.vision_vocab_size}},
+        {"engine_args": {"dtype": "bfloat16"}},
+    ]
+}
+
+
+@pytest.fixture(scope="module")
+def real_cluster(real_shape_model, tmp_path_factory, ar_engines, loop):
+    # The AR engines above are done by now: free their memory before the workers load.
+    engine, _ = ar_engines
+    loop.run_until_complete(engine.shutdown())
+    workdir = tmp_path_factory.mktemp("real-shape-cluster")
+    config = write_stage_config(workdir, REAL_SHAPE_STAGES)
+    with Cluster(model=real_shape_model, workdir=workdir, stage_config=config, model_name="glm-image-real-shape",
+                 start_timeout=600) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def reference_pipeline(real_shape_model, real_cluster):
+    """In-process reference at the workers' math thread count (CPU reductions depend on it)."""
+    threads = int(real_cluster.env.get("OMP_NUM_THREADS", torch.get_num_threads()))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    pipe = GlmImagePipeline.from_pretrained(str(real_shape_model), dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    yield pipe
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("kind", ["t2i", "i2i"])
+def test_served_image_equals_glm_image_pipeline(real_cluster, reference_pipeline, kind):
+    cond = [noise_png(256, 256, seed=5)] if kind == "i2i" else []
+    expected = reference_pipeline(
+        prompt=PROMPT,
+        image=[open_image(c).convert("RGB") for c in cond] or None,
+        height=SIZE.height,
+        width=SIZE.width,
+        num_inference_steps=STEPS,
+        guidance_scale=1.5,
+        generator=torch.Generator().manual_seed(21),
+    ).images[0]
+    if cond:
+        files = [("image", ("c.png", cond[0], "image/png"))]
+        form = {"prompt": PROMPT, "size": "256x256", "seed": "21", "num_inference_steps": str(STEPS)}
+        response = httpx.post(f"{real_cluster.url}/v1/images/edits", data=form, files=files, timeout=600)
+    else:
+        response = generate(real_cluster.url, 21, prompt=PROMPT, size="256x256", steps=STEPS, timeout=600)
+    assert response.status_code == 200, response.text
+    got = b64_image(response.json()["data"][0]["b64_json"])
+    assert got.size == expected.size
+    np.testing.assert_array_equal(np.asarray(got.convert("RGB")), np.asarray(expected.convert("RGB")))

@@ -57,10 +57,11 @@ from PIL import Image
 
 from common.image_formats import encode_image
 from common.metrics import WorkerMetrics
-from common.protocol import ARJob, ARResult, DiTJob, DiTResult, JobRequest, Stage, WorkerInfo
+from common.protocol import ARResult, DiTJob, DiTResult, JobRequest, Stage, WorkerInfo
 from common.sizes import ImageSize, token_layout
 from common.stage_config import StageConfig, load_stage_config
 from common.worker_runtime import JobProgressReporter, JobRejected, StageWorker, WorkerRefused
+from stage_ar.worker import checked_ar_job
 
 logger = logging.getLogger(__name__)
 
@@ -208,12 +209,7 @@ class SimARHandler:
         await self.engine.close()
 
     async def run(self, job: JobRequest, progress: JobProgressReporter) -> tuple[ARResult, dict[str, float]]:
-        ar = job.payload
-        if not isinstance(ar, ARJob):
-            raise JobRejected(f"AR worker got a {ar.stage} job")
-        size = ar.prompt.mm_processor_kwargs.size
-        if not size.on_grid:
-            raise JobRejected(f"target size {size} is not a positive multiple of 32 on both sides")
+        ar, size = checked_ar_job(job)
         condition_sizes = [_size_of_png(b) for b in ar.prompt.images]
         total = token_layout(size, image_to_image=bool(condition_sizes)).tokens_to_generate
         started = time.monotonic()

@@ -112,12 +112,7 @@ class RouterBus:
         future = asyncio.get_running_loop().create_future()
         self.pending[job.job_id] = _PendingJob(future, worker.info.worker_id, on_progress)
         worker.assigned.add(job.job_id)
-        if not await self._send(worker.identity, job):
-            # Its connection is gone (ROUTER_MANDATORY): forget it now, or the retry would pick it
-            # again before the liveness loop notices. A live worker re-registers with its next heartbeat.
-            logger.warning("worker %s unreachable: dropped until it heartbeats again", worker.info.worker_id)
-            self._fail_worker_jobs(worker.info.worker_id, "was unreachable")
-            self.pool.remove(worker.info.worker_id)
+        await self._send(worker.identity, job)  # if unreachable, _send failed the job already
         return future
 
     async def cancel(self, job_id: str) -> None:
@@ -172,7 +167,21 @@ class RouterBus:
             return True
         except zmq.ZMQError as exc:
             logger.warning("send to worker %r failed: %s", identity, exc)
+            if exc.errno == zmq.EHOSTUNREACH:
+                self._drop_unreachable(identity)
             return False
+
+    def _drop_unreachable(self, identity: bytes) -> None:
+        """The worker's connection is gone (ROUTER_MANDATORY said so): forget it and fail its jobs
+        now, rather than after `peer_timeout_s` of silence, or a retry could pick it again. A live
+        worker re-registers with its next heartbeat."""
+        worker = next((w for w in self.pool.workers.values() if w.identity == identity), None)
+        if worker is None:
+            return
+        logger.warning("worker %s (%s) unreachable: dropped until it heartbeats again",
+                       worker.info.worker_id, worker.info.stage.value)
+        self._fail_worker_jobs(worker.info.worker_id, "was unreachable")
+        self.pool.remove(worker.info.worker_id)
 
     async def _receive_loop(self) -> None:
         while True:

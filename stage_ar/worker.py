@@ -32,6 +32,17 @@ def load_engine(model_path: str, stage: ARStageConfig, device: str) -> AREngine:
     return TransformersAREngine(model_path, stage.engine_args, device)
 
 
+def checked_ar_job(job: JobRequest) -> tuple[ARJob, ImageSize]:
+    """The AR payload of `job` and its target size; JobRejected for a job this stage cannot serve."""
+    ar = job.payload
+    if not isinstance(ar, ARJob):
+        raise JobRejected(f"AR worker got a {ar.stage} job")
+    size = ar.prompt.mm_processor_kwargs.size
+    if not size.on_grid:
+        raise JobRejected(f"target size {size} is not a positive multiple of 32 on both sides")
+    return ar, size
+
+
 class ARStageHandler:
     def __init__(self, engine: AREngine, metrics: WorkerMetrics):
         self.engine = engine
@@ -41,12 +52,7 @@ class ARStageHandler:
         await self.engine.shutdown()
 
     async def run(self, job: JobRequest, progress: JobProgressReporter) -> tuple[ARResult, dict[str, float]]:
-        ar = job.payload
-        if not isinstance(ar, ARJob):
-            raise JobRejected(f"AR worker got a {ar.stage} job")
-        size = ar.prompt.mm_processor_kwargs.size
-        if not size.on_grid:
-            raise JobRejected(f"target size {size} is not a positive multiple of 32 on both sides")
+        ar, size = checked_ar_job(job)
         try:
             images = [Image.open(io.BytesIO(b)).convert("RGB") for b in ar.prompt.images]
         except Exception as exc:

@@ -71,11 +71,13 @@ def test_killing_one_worker_per_stage_loses_no_request(two_by_two):
         assert response.status_code == 200, f"seed {seed}: {response.text[:300]}\n{c.logs_tail()}"
         assert image_bytes(response)[0] == expected[seed], f"seed {seed}: the retried image differs from the fault-free one"
     router_log = c.procs["router"].log()[offsets["router"]:]
-    # The kills really hit jobs in flight: both were detected and their jobs re-dispatched.
-    assert re.search(rf"worker {ar_victim} \(ar\) silent for [\d.]+s: marked dead", router_log), router_log[-3000:]
-    assert re.search(rf"worker {dit_victim} \(dit\) silent for [\d.]+s: marked dead", router_log), router_log[-3000:]
-    assert re.search(rf"worker {ar_victim} died while running the job; re-dispatching", router_log), router_log[-3000:]
-    assert re.search(rf"worker {dit_victim} died while running the job; re-dispatching", router_log), router_log[-3000:]
+    # The kills really hit jobs in flight: both were detected (a send finding the connection gone,
+    # or heartbeats going silent, whichever came first) and their jobs re-dispatched.
+    for victim, stage in ((ar_victim, "ar"), (dit_victim, "dit")):
+        detected = rf"worker {victim} \({stage}\) (unreachable: dropped|silent for [\d.]+s: marked dead)"
+        assert re.search(detected, router_log), router_log[-3000:]
+        assert re.search(rf"worker {victim} (died|was unreachable) while running the job; re-dispatching",
+                         router_log), router_log[-3000:]
     c.wait_for_workers(1, 1, timeout=30, exact=True)
     print(f"\nchaos: {len(SEEDS)} concurrent requests, killed {ar_victim} and {dit_victim} mid-job: "
           f"{len(SEEDS)}/{len(SEEDS)} completed in {elapsed:.1f}s, images identical to the fault-free run")

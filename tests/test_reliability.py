@@ -116,8 +116,8 @@ def test_router_sigterm_finishes_in_flight_requests(rc):
         rc.kill("router", signal.SIGTERM)
         response = future.result(timeout=180)
     assert response.status_code == 200, response.text[:300]
-    # uvicorn re-raises the captured SIGTERM once the graceful shutdown is over.
-    assert rc.wait_exit("router", timeout=60) in (0, -signal.SIGTERM)
+    # A graceful stop is a clean exit (the router handles the signal itself, not uvicorn).
+    assert rc.wait_exit("router", timeout=60) == 0
     assert "unhandled error" not in rc.procs["router"].log()
 
 

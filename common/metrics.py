@@ -25,6 +25,6 @@ class WorkerMetrics:
     def job_finished(self, outcome: str) -> None:
         self.jobs.labels(outcome=outcome, **self._labels).inc()
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
         """Expose /metrics over HTTP for Prometheus to scrape."""
         start_http_server(port, addr=host, registry=self.registry)

@@ -23,6 +23,7 @@ class WorkerOptions:
     worker_id: str | None = None
     device: str = "cpu"
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"  # the metrics port is this machine's only unless asked otherwise
     drain_grace_s: float = 30.0
 
 
@@ -37,7 +38,7 @@ async def serve_stage_worker(
     worker_id = options.worker_id or f"{stage.value}-{socket.gethostname()}-{os.getpid()}"
     metrics = WorkerMetrics(stage.value, worker_id)
     if options.metrics_port:
-        metrics.serve(options.metrics_port)
+        metrics.serve(options.metrics_port, options.metrics_host)
     handler = make_handler(metrics)
     info = WorkerInfo(
         worker_id=worker_id,

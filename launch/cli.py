@@ -43,6 +43,9 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--worker-id", help="unique id on the bus (default: STAGE-HOST-PID)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics for this worker on this port")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address the metrics port binds (default: %(default)s, this machine only; 0.0.0.0 for a "
+                        "Prometheus on another host)")
     p.add_argument("--drain-grace", type=float, default=30.0, help="seconds SIGTERM waits for in-flight jobs (default: %(default)s)")
 
 
@@ -171,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         worker_id=args.worker_id,
         device=device,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         drain_grace_s=args.drain_grace,
     )
     from common.worker_runtime import WorkerRefused

@@ -181,7 +181,8 @@ def plan_deployment(options: LaunchOptions, python: str = sys.executable) -> Dep
             if devices:
                 argv += ("--device", devices[i % len(devices)])
             if options.worker_metrics_port is not None:
-                argv += ("--metrics-port", str(options.worker_metrics_port + index))
+                # Scrapable where the HTTP side is reachable, like the supervisor's own metrics.
+                argv += ("--metrics-port", str(options.worker_metrics_port + index), "--metrics-host", options.host)
             processes.append(ProcessSpec(name, role, argv))
             index += 1
     return Deployment(

@@ -10,6 +10,7 @@ declared dead) are dropped.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from dataclasses import dataclass
@@ -38,6 +39,19 @@ from router.metrics import RouterMetrics
 from router.worker_pool import WorkerPool, WorkerState
 
 logger = logging.getLogger(__name__)
+
+
+def is_local_bind(address: str) -> bool:
+    """Whether a ZeroMQ bind address listens on this machine only (loopback tcp://, ipc://, inproc://)."""
+    if not address.startswith("tcp://"):
+        return True
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface name or a host name: assume reachable
 
 
 class WorkerLost(Exception):
@@ -92,6 +106,10 @@ class RouterBus:
             asyncio.create_task(self._liveness_loop(), name="bus-liveness"),
         ]
         logger.info("bus bound at %s (stage config %s)", self.bind_address, self.config_fingerprint)
+        if not is_local_bind(self.bind_address):
+            logger.warning("the bus at %s is reachable from other machines and is neither authenticated nor "
+                           "encrypted: anyone who can reach it can register as a worker and see prompts and "
+                           "images; keep it on a trusted network", self.bind_address)
 
     async def close(self) -> None:
         tasks = list(self._tasks)

@@ -221,3 +221,14 @@ def test_a_real_worker_started_with_another_stage_config_exits_with_the_reason(h
     assert proc.popen.wait(timeout=120) != 0
     assert "the router refused this worker" in proc.log() and "--stage-config" in proc.log()
     assert hardened.live_workers() == {"ar": 1, "dit": 1}
+
+
+@pytest.mark.parametrize("address,local", [
+    ("tcp://127.0.0.1:5570", True), ("tcp://[::1]:5570", True), ("tcp://localhost:5570", True),
+    ("ipc:///tmp/bus", True), ("tcp://*:5570", False), ("tcp://0.0.0.0:5570", False), ("tcp://198.18.0.2:5570", False),
+])
+def test_a_bus_reachable_from_other_machines_is_flagged(address, local):
+    """The router warns at start when its unauthenticated bus listens beyond this machine."""
+    from router.bus import is_local_bind
+
+    assert is_local_bind(address) is local

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from launch.cli import _resolve_device, build_parser
@@ -77,3 +78,25 @@ def test_a_process_started_by_a_launcher_that_is_gone_exits():
     )
     assert result.returncode != 0
     assert "the launcher that started this process has exited" in result.stderr
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The local IPv4 addresses listening on TCP `port` (from /proc/net/tcp, state 0A = LISTEN)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:
+            found.add(".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+    return found
+
+
+def test_worker_metrics_bind_loopback_unless_told_otherwise(tiny_model, tmp_path):
+    from launch.local_cluster import Cluster, free_port
+
+    port = free_port()
+    with Cluster(model=tiny_model, workdir=tmp_path, num_ar=1, num_dit=0) as cluster:
+        cluster.start_worker("dit", "dit-metrics", extra=["--metrics-port", str(port)])
+        cluster.wait_for_workers(1, 1, timeout=120)
+        assert _listening_addresses(port) == {"127.0.0.1"}
+        assert "glm_worker_jobs_in_flight" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text

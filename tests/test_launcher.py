@@ -407,4 +407,6 @@ def test_plan_keeps_ids_devices_and_metrics_ports_per_worker():
     assert [flag(n, "--worker-id") for n in by_name if n != "router"] == ["ar-0", "ar-1", "dit-0", "dit-1", "dit-2"]
     assert [flag(n, "--device") for n in ("ar-0", "ar-1", "dit-0", "dit-2")] == ["cuda:0", "cuda:1", "cuda:2", "cuda:2"]
     assert [flag(n, "--metrics-port") for n in by_name if n != "router"] == ["9100", "9101", "9102", "9103", "9104"]
+    # Worker metrics bind where the HTTP side binds (127.0.0.1 by default), never every interface.
+    assert {flag(n, "--metrics-host") for n in by_name if n != "router"} == {"127.0.0.1"}
     assert plan.expected_workers == {"ar": 2, "dit": 3}

@@ -19,6 +19,8 @@ logic (what "compiled once per shape, reused" is about); the product default sta
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -61,24 +63,25 @@ def _run(runner: DiTPipelineRunner, job) -> bytes:
     return runner.run(job, threading.Event()).image
 
 
-def _count_block_calls(runner: DiTPipelineRunner) -> tuple[list[int], list]:
-    """Per transformer block, how many times it ran (forward hooks: cache-dit calls the original
-    block modules, so a skipped block is simply not called)."""
+@contextmanager
+def _count_block_calls(runner: DiTPipelineRunner) -> Iterator[list[int]]:
+    """Per transformer block, how many times it ran inside the `with` (forward hooks: cache-dit
+    calls the original block modules, so a skipped block is simply not called)."""
     calls = [0] * len(runner.pipe.transformer.transformer_blocks)
     handles = [block.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
                for i, block in enumerate(runner.pipe.transformer.transformer_blocks)]
-    return calls, handles
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def test_block_cache_skips_steps_within_a_stated_psnr(eager, cached):
     job = make_job(SIZE, STEPS, codebook=128)
     reference = _run(eager, job)
-    calls, handles = _count_block_calls(cached)
-    try:
+    with _count_block_calls(cached) as calls:
         image = _run(cached, job)
-    finally:
-        for handle in handles:
-            handle.remove()
     passes = 2 * STEPS  # guidance 1.5: a conditional and an unconditional pass per step
     skipped = cached.last_cache_stats.skipped_passes
     quality = psnr(image, reference)
@@ -111,12 +114,8 @@ def test_block_cache_image_to_image(eager, deep_model, n_images, guidance, warmu
     cond = [noise_png(256 + 32 * i, 256, seed=i) for i in range(n_images)]
     job = make_job(SIZE, STEPS, codebook=128, condition_images=cond, guidance_scale=guidance)
     reference = _run(eager, job)
-    calls, handles = _count_block_calls(runner)
-    try:
+    with _count_block_calls(runner) as calls:
         image = _run(runner, job)
-    finally:
-        for handle in handles:
-            handle.remove()
     passes = STEPS * (2 if guidance > 1 else 1)
     skipped = runner.last_cache_stats.skipped_passes
     quality = psnr(image, reference)

@@ -32,7 +32,9 @@ from common.image_formats import OutputFormat
 from common.sizes import ImageSize
 
 # 2: sizes named height/width everywhere, worker config fingerprints, RegistrationRefused.
-PROTOCOL_VERSION = 2
+# 3: WorkerInfo.metrics_address. Models forbid unknown fields, so a v2 router would reject every
+#    v3 heartbeat as "invalid message"; the bump makes the mismatch a clear version error instead.
+PROTOCOL_VERSION = 3
 # Limits on what a decoder accepts from a peer.
 MAX_FRAMES = 64
 MAX_HEADER_BYTES = 1 << 20
@@ -197,6 +199,9 @@ class WorkerInfo(_Model):
     # StageConfig.fingerprint() of the worker's stage config: a router refuses a worker whose
     # config differs from its own (another dtype or sampling default would change the images).
     config_fingerprint: str
+    # "host:port" where Prometheus can scrape this worker, as the worker announces it (behind NAT or
+    # in a pod the bind address is not the reachable one); None when it serves no metrics.
+    metrics_address: str | None = Field(default=None, max_length=300)
 
 
 class Heartbeat(_Model):

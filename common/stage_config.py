@@ -181,6 +181,9 @@ class BusConfig(_Strict):
     # A worker silent this long is dead; a router silent this long makes workers reconnect.
     peer_timeout_s: float = Field(5.0, gt=0)
     max_message_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    # How often a worker re-resolves a router given by DNS name (a Kubernetes headless Service:
+    # one address per router replica). Per worker, so not in the fingerprint.
+    router_resolve_interval_s: float = Field(5.0, gt=0)
 
 
 class RouterSettings(_Strict):
@@ -193,6 +196,19 @@ class RouterSettings(_Strict):
     # Bytes of finished images kept to answer exact repeats of requests with an explicit seed
     # (least recently used first out); 0 turns the cache off.
     result_cache_bytes: int = Field(0, ge=0)
+    # The HTTP edge against slow and hostile clients (router/http_limits.py, docs/http_security.md).
+    # Request headers must be complete within this of the connection opening (or the previous
+    # response): a browser or SDK sends them in one packet, so 10 s only ever cuts off tricklers.
+    http_header_timeout_s: float = Field(10.0, gt=0)
+    # The whole body within this of the headers, else 408: the largest body (4 images at
+    # max_upload_bytes, ~100 MB) still passes at ~1.7 MB/s; raise it for slow links and big uploads.
+    http_body_timeout_s: float = Field(60.0, gt=0)
+    # Open connections beyond this answer 503. Each costs a descriptor and a little memory while
+    # the real work is bounded by queue_limit_per_stage, so more never does useful work; the
+    # router raises its open-files limit to fit them.
+    http_max_connections: int = Field(1024, ge=1)
+    # Request line plus headers; more is a 431 (nginx's default buffers hold 32 KiB too).
+    http_max_header_bytes: int = Field(32 * 1024, ge=1024)
 
 
 class StageConfig(_Strict):
@@ -224,7 +240,8 @@ class StageConfig(_Strict):
         Left out is what a deployment may vary per worker: where it runs (`devices`), where its
         weights lie (`model`), and the AR's engine and capacity (`engine`, batch size, memory share,
         parallelism): a vLLM worker may join transformers workers (their greedy tokens are
-        identical; sampled tokens come from different samplers)."""
+        identical; sampled tokens come from different samplers); and how often a worker
+        re-resolves its routers' DNS name (`bus.router_resolve_interval_s`)."""
         stages = []
         for stage in self.stage_args:
             stages.append({
@@ -232,7 +249,8 @@ class StageConfig(_Strict):
                                 else {"dtype": stage.engine_args.dtype}),
                 "sampling": stage.default_sampling_params.model_dump(mode="json"),
                 "timeouts": stage.timeouts.model_dump(mode="json")})
-        shared = {"bus": self.bus.model_dump(mode="json"), "stages": stages}
+        # The resolve interval is the worker's own business (and leaving it out keeps older fingerprints).
+        shared = {"bus": self.bus.model_dump(mode="json", exclude={"router_resolve_interval_s"}), "stages": stages}
         return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
 
 

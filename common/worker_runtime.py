@@ -6,18 +6,27 @@ announces itself with heartbeats that carry its full registration, runs up to
 honours cancels and deadlines. A router that goes silent is reconnected to
 with a fresh socket; since every heartbeat re-registers, a restarted router
 finds its workers again with no manual step.
+
+A router given by DNS name is every address the name resolves to (say the pods
+of a Kubernetes headless Service), re-resolved periodically: replicas that
+appear get a link, replicas that leave have theirs retired. With CURVE keys
+(common/bus_security.py) every link is encrypted and authenticated.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Protocol
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from common.protocol import (
     ErrorCode,
@@ -36,6 +45,7 @@ from common.protocol import (
     decode,
     encode,
 )
+from common.bus_security import WorkerCurve, configure_client, key_prefix
 from common.metrics import WorkerMetrics
 from common.stage_config import BusConfig
 
@@ -107,29 +117,163 @@ class _RunningJob:
     link: "_RouterLink"
 
 
+@dataclass(frozen=True)
+class RouterTarget:
+    """One `--router` value: a ZeroMQ address whose host may be a DNS name.
+
+    A name (say a Kubernetes headless Service) may resolve to several router replicas: the
+    worker connects to each address and re-resolves every `router_resolve_interval_s`. IP
+    literals, `ipc://` and `inproc://` addresses are used as they are."""
+
+    spec: str
+    host: str | None = None  # a DNS name to resolve; None when `spec` is used as it is
+    port: int | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> "RouterTarget":
+        """Validate one address; ValueError says what is wrong with it."""
+        spec = spec.strip()
+        scheme, sep, rest = spec.partition("://")
+        if not sep or not rest:
+            raise ValueError(f"router address {spec!r}: expected tcp://HOST:PORT (or ipc://PATH)")
+        if scheme in ("ipc", "inproc"):
+            return cls(spec)
+        if scheme != "tcp":
+            raise ValueError(f"router address {spec!r}: the scheme must be tcp, ipc or inproc")
+        host, colon, port = rest.rpartition(":")
+        if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"router address {spec!r}: expected tcp://HOST:PORT with a port in 1..65535")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not host or host == "*" or any(c.isspace() or c in "/@?#[]" for c in host):
+            raise ValueError(f"router address {spec!r}: expected tcp://HOST:PORT (a router's host name or address)")
+        if _is_ip(host):
+            return cls(_tcp_address(host, int(port)))
+        return cls(spec, host=host, port=int(port))
+
+    async def resolve(self) -> list[str]:
+        """The concrete addresses to connect to now (the system resolver, off the event loop).
+
+        Only one address family is used, IPv4 when there is any: in a dual-stack cluster a pod
+        has both, and two links to one router with the same identity would steal it from each other."""
+        if self.host is None:
+            return [self.spec]
+        infos = await asyncio.get_running_loop().getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        v4 = [info[4][0] for info in infos if info[0] == socket.AF_INET]
+        v6 = [info[4][0] for info in infos if info[0] == socket.AF_INET6]
+        return sorted({_tcp_address(ip, self.port) for ip in v4 or v6})
+
+
+def parse_router_targets(specs: list[str]) -> list[RouterTarget]:
+    """`--router` values (each may be a comma list) as targets; ValueError names a bad one."""
+    targets = [RouterTarget.parse(part) for spec in specs for part in spec.split(",") if part.strip()]
+    if not targets:
+        raise ValueError("no router address given: pass --router tcp://HOST:PORT")
+    return list({t.spec: t for t in targets}.values())
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+        return True
+    except ValueError:
+        return False
+
+
+def _tcp_address(ip: str, port: int) -> str:
+    return f"tcp://[{ip}]:{port}" if ":" in ip else f"tcp://{ip}:{port}"
+
+
+# What the worker watches on each connection: how its handshake with the router went.
+_HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
 class _RouterLink:
-    """One DEALER connection to one router."""
+    """One DEALER connection to one router address, and the tasks that serve it."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, address: str, identity: bytes, bus_config: BusConfig):
-        self.ctx, self.address, self.identity, self.bus_config = ctx, address, identity, bus_config
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, identity: bytes, bus_config: BusConfig,
+                 curve: WorkerCurve | None = None):
+        self.ctx, self.address, self.identity, self.bus_config, self.curve = ctx, address, identity, bus_config, curve
         self.last_router_ping = time.monotonic()
+        # When the router last sent something only a registered worker gets (a RouterPing or a job);
+        # None until it has, and again after a reconnect.
+        self.last_accepted: float | None = None
         self.refused_because: str | None = None
-        self.socket = self._connect()
+        # Why the bus handshake fails, until one succeeds; each problem is logged once.
+        self.handshake_problem: str | None = None
+        self._problems_logged: set[str] = set()
+        self._bare_failures = 0  # handshakes that failed without a reason in a row
+        # The address left DNS: no new jobs from this router, the link closes once its jobs are done.
+        self.retiring = False
+        self.tasks: list[asyncio.Task] = []
+        self.socket, self.monitor = self._connect()
 
-    def _connect(self) -> zmq.asyncio.Socket:
+    @property
+    def registered(self) -> bool:
+        """The router has accepted this worker and was heard from within the peer timeout."""
+        return (self.refused_because is None and not self.retiring and self.last_accepted is not None
+                and time.monotonic() - self.last_accepted <= self.bus_config.peer_timeout_s)
+
+    def _connect(self) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, self.identity)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.bus_config.max_message_bytes)
         # Don't pile up heartbeats for a router that is gone; they are resent anyway.
         sock.setsockopt(zmq.SNDHWM, 1000)
+        if self.address.startswith("tcp://["):
+            sock.setsockopt(zmq.IPV6, 1)
+        if self.curve is not None:
+            configure_client(sock, self.curve)
+        monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
         sock.connect(self.address)
-        return sock
+        return sock, monitor
 
     def reconnect(self) -> None:
-        self.socket.close(linger=0)
-        self.socket = self._connect()
+        self.close(linger_ms=0)
+        self.socket, self.monitor = self._connect()
         self.last_router_ping = time.monotonic()
+        self.last_accepted = None
+
+    def close(self, linger_ms: int) -> None:
+        self.socket.disable_monitor()
+        self.monitor.close(linger=0)
+        self.socket.close(linger=linger_ms)
+
+    def on_handshake_event(self, event: dict) -> None:
+        """Log a failing handshake once (until one succeeds): without this a worker whose key the
+        router refuses would wait silently, its connection retried by ZeroMQ every 0.1 s."""
+        kind, value = event["event"], event["value"]
+        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            if self.handshake_problem is not None:
+                logger.info("bus handshake with router %s succeeded%s", self.address, " (CURVE)" if self.curve else "")
+            self.handshake_problem, self._bare_failures = None, 0
+            self._problems_logged.clear()
+            return
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            # Also the first sign of a refusal that the next event explains, or a router that went
+            # away mid-handshake: only a run of them with no explanation says something.
+            self._bare_failures += 1
+            if self._problems_logged or self._bare_failures < 3:
+                return
+        key = f"key {key_prefix(self.curve.keypair.public)}..." if self.curve else ""
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            problem = (f"router {self.address} refused this worker's CURVE {key} (status {value}): its public key is "
+                       "not in the router's allow-list (--curve-allow-dir); the worker keeps retrying")
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            problem = (f"router {self.address} does not use CURVE but this worker does: drop --curve-router-key and "
+                       "--curve-secret-key, or start the router with CURVE" if self.curve else
+                       f"router {self.address} requires CURVE: start this worker with --curve-router-key and "
+                       "--curve-secret-key (GLM_CURVE_ROUTER_KEY, GLM_CURVE_SECRET_KEY)")
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            problem = f"bus handshake with router {self.address} failed: protocol error {value:#x}"
+        else:
+            problem = (f"bus handshake with router {self.address} keeps failing ({os.strerror(value)}): "
+                       + ("is --curve-router-key that router's public key?" if self.curve else "is it a glm-image-serve router?"))
+        if problem not in self._problems_logged:
+            self._problems_logged.add(problem)
+            logger.error("%s", problem)
+        self.handshake_problem = problem
 
     async def send(self, message) -> None:
         try:
@@ -148,7 +292,11 @@ class _RouterLink:
 
 
 class StageWorker:
-    """Runs a stage handler behind the bus until stopped or drained."""
+    """Runs a stage handler behind the bus until stopped or drained.
+
+    `router_addresses` are `--router` values; a DNS name among them is resolved (and re-resolved
+    every `bus.router_resolve_interval_s`) to every router replica behind it, one link each. With
+    `curve`, every connection is a CURVE client of the router key it holds."""
 
     def __init__(
         self,
@@ -157,43 +305,59 @@ class StageWorker:
         handler: StageHandler,
         bus_config: BusConfig,
         metrics: WorkerMetrics,
+        curve: WorkerCurve | None = None,
     ):
         self.info = info
         self.metrics = metrics
         self.handler = handler
         self.bus_config = bus_config
         self.router_addresses = router_addresses
+        self.targets = parse_router_targets(router_addresses)
+        self.curve = curve
         self.ctx = zmq.asyncio.Context()
+        # Replaced, never mutated, when links come and go: `ready` reads it from other threads.
         self.links: list[_RouterLink] = []
         self.jobs: dict[str, _RunningJob] = {}
         self.draining = False
         self._stopped = asyncio.Event()
         self._refusal: WorkerRefused | None = None
         self._tasks: list[asyncio.Task] = []
+        # Each target's addresses as last resolved (kept through a failed resolution).
+        self._resolved: dict[str, list[str]] = {}
+        self._resolve_failing: set[str] = set()
 
     async def serve(self) -> None:
         """Connect, heartbeat and serve jobs until `stop()` or a finished `drain()`.
 
         Raises WorkerRefused when every router refused the registration."""
-        identity = self.info.worker_id.encode()
-        self.links = [_RouterLink(self.ctx, addr, identity, self.bus_config) for addr in self.router_addresses]
-        for link in self.links:
-            self._tasks.append(asyncio.create_task(self._receive_loop(link), name=f"recv:{link.address}"))
-            self._tasks.append(asyncio.create_task(self._heartbeat_loop(link), name=f"hb:{link.address}"))
-        logger.info("worker %s (%s) serving routers %s", self.info.worker_id, self.info.stage.value, self.router_addresses)
+        logger.info("worker %s (%s) serving routers %s%s", self.info.worker_id, self.info.stage.value,
+                    ", ".join(t.spec for t in self.targets),
+                    f" with CURVE (key {self.curve.keypair.prefix}...)" if self.curve else "")
+        self._tasks.append(asyncio.create_task(self._discovery_loop(), name="router-discovery"))
         try:
             await self._stopped.wait()
         finally:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            for link in self.links:
+                await self._stop_link_tasks(link)
             await self._cancel_all_jobs()
             for link in self.links:
                 # After a drain the last results and the Goodbye may still sit in the queue: let them out.
-                link.socket.close(linger=_DRAIN_LINGER_MS if self.draining else 0)
+                link.close(linger_ms=_DRAIN_LINGER_MS if self.draining else 0)
             self.ctx.term()
         if self._refusal is not None:
             raise self._refusal
+
+    @property
+    def ready(self) -> bool:
+        """True while at least one router has this worker registered: that router accepted it (the
+        router pings and sends jobs only to workers it registered; a refused worker hears only
+        RegistrationRefused, and one whose CURVE key it refuses hears nothing) and was heard from
+        within `peer_timeout_s`. False while draining, since routers send a draining worker no new
+        work. Safe to read from another thread."""
+        return not self.draining and any(link.registered for link in self.links)
 
     def stop(self) -> None:
         self._stopped.set()
@@ -202,8 +366,9 @@ class StageWorker:
         """Stop taking work, let in-flight jobs finish (up to `grace_s`), deregister, stop."""
         self.draining = True
         logger.info("draining: %d job(s) in flight, grace %.1fs", len(self.jobs), grace_s)
+        # Never blocking sends: a link whose handshake was refused has no connection to queue on.
         for link in self.links:
-            await link.send(self._heartbeat())
+            link.send_nowait(self._heartbeat(link))
         pending = [j.task for j in self.jobs.values()]
         if pending:
             _, late = await asyncio.wait(pending, timeout=grace_s)
@@ -211,21 +376,129 @@ class StageWorker:
                 logger.warning("grace period over: cancelling %d job(s)", len(late))
         await self._cancel_all_jobs()
         for link in self.links:
-            await link.send(Goodbye(worker_id=self.info.worker_id))
+            link.send_nowait(Goodbye(worker_id=self.info.worker_id))
         self.stop()
 
-    def _heartbeat(self) -> Heartbeat:
-        return Heartbeat(info=self.info, draining=self.draining)
+    def _heartbeat(self, link: _RouterLink) -> Heartbeat:
+        return Heartbeat(info=self.info, draining=self.draining or link.retiring)
+
+    # -- router discovery ---------------------------------------------------------------------
+
+    async def _discovery_loop(self) -> None:
+        """Resolve every target, then keep one link per address: new addresses get a link, links
+        whose address left DNS retire. A failed resolution keeps that target's links (a DNS blip
+        must not cut every router off); until a target first resolves it is retried every second."""
+        interval = self.bus_config.router_resolve_interval_s
+        while True:
+            for target in self.targets:
+                await self._resolve(target)
+            await self._sync_links()
+            unresolved = any(t.spec not in self._resolved for t in self.targets)
+            await asyncio.sleep(min(interval, 1.0) if unresolved else interval)
+
+    async def _resolve(self, target: RouterTarget) -> None:
+        try:
+            addresses = await target.resolve()
+            if not addresses:
+                raise OSError("no address")
+        except OSError as exc:  # socket.gaierror included
+            if target.spec not in self._resolve_failing:
+                self._resolve_failing.add(target.spec)
+                if target.spec in self._resolved:
+                    logger.warning("cannot resolve router %s (%s): keeping its %d known address(es) and retrying",
+                                   target.spec, exc, len(self._resolved[target.spec]))
+                else:
+                    logger.warning("router %s does not resolve yet (%s): retrying until it does", target.spec, exc)
+            return
+        previous = self._resolved.get(target.spec)
+        if target.spec in self._resolve_failing:
+            self._resolve_failing.discard(target.spec)
+            if previous is not None:
+                logger.info("router %s resolves again", target.spec)
+        if target.host is not None and addresses != previous:
+            logger.info("router %s resolves to %s", target.spec, ", ".join(addresses))
+        self._resolved[target.spec] = addresses
+
+    async def _sync_links(self) -> None:
+        wanted = {address for addresses in self._resolved.values() for address in addresses}
+        links = {link.address: link for link in self.links}
+        identity = self.info.worker_id.encode()
+        added = []
+        for address in sorted(wanted - links.keys()):
+            link = _RouterLink(self.ctx, address, identity, self.bus_config, self.curve)
+            link.tasks = [
+                asyncio.create_task(self._receive_loop(link), name=f"recv:{address}"),
+                asyncio.create_task(self._heartbeat_loop(link), name=f"hb:{address}"),
+                asyncio.create_task(self._monitor_loop(link), name=f"monitor:{address}"),
+            ]
+            added.append(link)
+            logger.info("connecting to router %s", address)
+        for address, link in links.items():
+            if address in wanted and link.retiring:
+                logger.info("router %s is back in DNS: taking jobs from it again", address)
+                link.retiring = False
+            elif address not in wanted and not link.retiring:
+                # Gently: a router replica scaled down still finishes its in-flight requests.
+                running = self._jobs_of(link)
+                logger.warning("router %s left DNS: %s", address,
+                               f"telling it this worker is draining; the link closes once its {running} job(s) are done"
+                               if running else "closing the link")
+                link.retiring = True
+                link.send_nowait(self._heartbeat(link))
+        done = [link for link in links.values() if link.retiring and self._jobs_of(link) == 0]
+        self.links = [link for link in self.links if link not in done] + added
+        for link in done:
+            await self._drop_link(link, "left DNS")
+
+    def _jobs_of(self, link: _RouterLink) -> int:
+        return sum(1 for j in self.jobs.values() if j.link is link)
+
+    async def _drop_link(self, link: _RouterLink, why: str) -> None:
+        """Close a link that is out of `self.links`: its tasks, its jobs (their router re-dispatches
+        them), a Goodbye so a live router forgets this worker at once, then the socket."""
+        logger.info("dropping router %s (%s)", link.address, why)
+        await self._stop_link_tasks(link)
+        await self._cancel_jobs_of(link)
+        link.send_nowait(Goodbye(worker_id=self.info.worker_id))
+        link.close(linger_ms=500)
+
+    @staticmethod
+    async def _stop_link_tasks(link: _RouterLink) -> None:
+        for task in link.tasks:
+            task.cancel()
+        await asyncio.gather(*link.tasks, return_exceptions=True)
+
+    # -- per link -----------------------------------------------------------------------------
 
     async def _heartbeat_loop(self, link: _RouterLink) -> None:
         while True:
-            await link.send(self._heartbeat())
+            # Never blocks: after a refused handshake ZeroMQ drops the connection for good (no
+            # queue to wait on); the reconnect below retries it every peer timeout.
+            link.send_nowait(self._heartbeat(link))
             if time.monotonic() - link.last_router_ping > self.bus_config.peer_timeout_s:
-                logger.warning("router %s silent for %.1fs: reconnecting", link.address, self.bus_config.peer_timeout_s)
+                if link.handshake_problem is None:
+                    logger.warning("router %s silent for %.1fs: reconnecting", link.address, self.bus_config.peer_timeout_s)
+                else:  # already logged once
+                    logger.debug("retrying the handshake with router %s", link.address)
                 # Jobs from the lost router can't be answered; their router re-dispatches them.
                 await self._cancel_jobs_of(link)
                 link.reconnect()
             await asyncio.sleep(self.bus_config.heartbeat_interval_s)
+
+    async def _monitor_loop(self, link: _RouterLink) -> None:
+        while True:
+            monitor = link.monitor
+            try:
+                frames = await monitor.recv_multipart()
+            except (zmq.ZMQError, asyncio.CancelledError):
+                # reconnect() replaced the monitor socket: go on with the new one.
+                if monitor is not link.monitor and not asyncio.current_task().cancelling():
+                    continue
+                raise
+            try:
+                link.on_handshake_event(parse_monitor_message(frames))
+            except Exception:  # a monitor message we cannot read must not end the loop
+                logger.exception("unreadable socket monitor event from router %s", link.address)
 
     async def _receive_loop(self, link: _RouterLink) -> None:
         while True:
@@ -244,10 +517,15 @@ class StageWorker:
                 logger.warning("dropping malformed message from router %s: %s", link.address, exc)
                 continue
             link.last_router_ping = time.monotonic()
-            if isinstance(message, RouterPing):
-                continue
             if isinstance(message, RegistrationRefused):
                 self._on_refused(link, message.reason)
+                continue
+            if isinstance(message, (RouterPing, JobRequest, JobCancel)):
+                if link.refused_because is not None:
+                    logger.info("router %s now accepts this worker", link.address)
+                link.refused_because = None  # e.g. that router restarted with this worker's config
+                link.last_accepted = link.last_router_ping
+            if isinstance(message, RouterPing):
                 continue
             if isinstance(message, JobRequest):
                 await self._accept(message, link)
@@ -270,8 +548,8 @@ class StageWorker:
     async def _accept(self, job: JobRequest, link: _RouterLink) -> None:
         if job.job_id in self.jobs:
             return  # a duplicate delivery; the first one answers
-        if self.draining or len(self.jobs) >= self.info.capacity:
-            reason = "draining" if self.draining else f"at capacity ({self.info.capacity})"
+        if self.draining or link.retiring or len(self.jobs) >= self.info.capacity:
+            reason = "draining" if self.draining or link.retiring else f"at capacity ({self.info.capacity})"
             await link.send(JobError(job_id=job.job_id, worker_id=self.info.worker_id, code=ErrorCode.OVERLOADED, message=f"worker {reason}"))
             return
         logger.info("[%s] job %s started", job.log_tag, job.job_id)

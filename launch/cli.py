@@ -5,6 +5,7 @@
     glm-image-serve ar-worker   --router tcp://ROUTER_HOST:5570 --model /path/to/GLM-Image
     glm-image-serve dit-worker  --router tcp://ROUTER_HOST:5570 --model /path/to/GLM-Image
     glm-image-serve make-tiny-model --out models/tiny-glm-image [--preset real-shape]
+    glm-image-serve keygen --out keys/ [--worker ar --worker dit]   # CurveZMQ keys for the bus
     glm-image-serve generate --url http://127.0.0.1:8000 --prompt "a cat" --size 512x512 --out cat.png   # client
 """
 
@@ -27,6 +28,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _env_path(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
 def _add_worker(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     p.add_argument(
@@ -34,19 +39,59 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
         action="append",
         required=True,
         metavar="ADDR",
-        help="ZeroMQ address of a router's bus, e.g. tcp://10.0.0.5:5570; repeat to serve several router replicas",
+        help="ZeroMQ address of a router's bus, e.g. tcp://10.0.0.5:5570; repeat (or comma-separate) to serve several "
+             "router replicas. A DNS name (tcp://glm-router-bus:5570, a Kubernetes headless Service) means every "
+             "address it resolves to, re-resolved every bus.router_resolve_interval_s",
     )
+    p.add_argument("--curve-router-key", metavar="FILE", default=_env_path("GLM_CURVE_ROUTER_KEY"),
+                   help="CurveZMQ: the router's public key file (router.key from `glm-image-serve keygen`; a .key_secret "
+                        "file works too, only its public half is read) [env GLM_CURVE_ROUTER_KEY]; needs --curve-secret-key")
+    p.add_argument("--curve-secret-key", metavar="FILE", default=_env_path("GLM_CURVE_SECRET_KEY"),
+                   help="CurveZMQ: this worker's own key file (workers/NAME.key_secret; its public half must be in the "
+                        "router's allow-list) [env GLM_CURVE_SECRET_KEY]; needs --curve-router-key")
     p.add_argument("--model", help="GLM-Image folder in the diffusers layout (default: the stage config's `model`)")
     p.add_argument(
         "--device",
         help="torch device for this worker, e.g. cuda:1 or cpu (default: from the stage's `devices`; a GPU index N means cuda:N)",
     )
-    p.add_argument("--worker-id", help="unique id on the bus (default: STAGE-HOST-PID)")
+    p.add_argument("--worker-id", help="unique id on the bus (default: STAGE-HOST-PID-RANDOM, new for every process: a restarted "
+                                        "container has the same host name and PID)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics for this worker on this port")
     p.add_argument("--metrics-host", default="127.0.0.1",
                    help="address the metrics port binds (default: %(default)s, this machine only; 0.0.0.0 for a "
                         "Prometheus on another host)")
+    p.add_argument("--metrics-advertise", metavar="HOST[:PORT]", default=os.environ.get("GLM_METRICS_ADVERTISE"),
+                   help="where Prometheus can scrape this worker, announced to the routers (GET /metrics/targets); "
+                        "PORT defaults to --metrics-port (env GLM_METRICS_ADVERTISE; default: --metrics-host when it is "
+                        "a concrete address, else the local address the OS uses towards the first --router; "
+                        "in Kubernetes $(POD_IP):9100)")
     p.add_argument("--drain-grace", type=float, default=30.0, help="seconds SIGTERM waits for in-flight jobs (default: %(default)s)")
+
+
+def _add_api_keys(p: argparse.ArgumentParser) -> None:
+    """The HTTP API keys (router/auth.py); the same flags on `router` and `launch`."""
+    g = p.add_argument_group("API keys", "with any key, every /v1/* request needs 'Authorization: Bearer KEY' "
+                             "(/health, /ready and the playground page stay open); keys from all sources are "
+                             "accepted at once, which is how they rotate (docs/http_security.md)")
+    g.add_argument("--api-key", action="append", metavar="KEY",
+                   help="an accepted API key; repeat for several. Visible to every user in `ps`: prefer "
+                        "--api-key-file or $GLM_API_KEY (comma separated keys)")
+    g.add_argument("--api-key-file", metavar="FILE",
+                   help="file of accepted keys, one per line ('#' comment lines and blank lines ignored), e.g. a "
+                        "mounted Kubernetes Secret; re-read when it changes [env GLM_API_KEY_FILE]")
+    g.add_argument("--protect-metrics", action="store_true",
+                   help="/metrics and /metrics/targets need a key too (Prometheus: `authorization: "
+                        "{credentials_file: ...}`); default: open, like /health")
+
+
+def _api_key_config(args):
+    """The API key sources of `args` and the environment, checked (exits with the reason when unusable)."""
+    from router.auth import ApiKeyConfig, ApiKeyError
+
+    try:
+        return ApiKeyConfig.from_sources(args.api_key, args.api_key_file, os.environ, args.protect_metrics)
+    except ApiKeyError as exc:
+        sys.exit(f"error: {exc}")
 
 
 def _add_launch(p: argparse.ArgumentParser) -> None:
@@ -57,6 +102,10 @@ def _add_launch(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
     p.add_argument("--bus-port", type=int, default=5570, help="ZeroMQ bus port the workers connect to (default: %(default)s)")
     p.add_argument("--bus-host", help="address the bus binds (default: the HTTP --host; 0.0.0.0 binds every interface)")
+    p.add_argument("--curve-keys", metavar="DIR", default=_env_path("GLM_CURVE_KEYS"),
+                   help="encrypt and authenticate the bus with CurveZMQ, using a `glm-image-serve keygen --out DIR` folder: "
+                        "the router gets router.key_secret and allowed_workers/, AR workers workers/ar.key_secret, DiT "
+                        "workers workers/dit.key_secret [env GLM_CURVE_KEYS] (default: no CURVE)")
     p.add_argument("--num-ar", type=int, default=1, help="AR workers (default: %(default)s)")
     p.add_argument("--num-dit", type=int, default=1, help="DiT workers (default: %(default)s)")
     p.add_argument("--ar-devices", default="", help="comma list of devices, AR worker i takes item i mod len (default: the stage config's)")
@@ -74,6 +123,7 @@ def _add_launch(p: argparse.ArgumentParser) -> None:
                    help="seconds for every worker to load and register before the launch fails (default: %(default)s)")
     p.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="on Ctrl-C/SIGTERM: seconds the router gets to finish in-flight requests, then the workers to drain (default: %(default)s)")
+    _add_api_keys(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bus-bind", default="tcp://*:5570", help="ZeroMQ address workers connect to (default: %(default)s)")
     r.add_argument("--model-name", default="zai-org/GLM-Image", help="model name reported by /v1/models (default: %(default)s)")
     r.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds SIGTERM waits for in-flight HTTP requests")
+    r.add_argument("--curve-secret-key", metavar="FILE", default=_env_path("GLM_CURVE_SECRET_KEY"),
+                   help="CurveZMQ: the router's key file (router.key_secret from `glm-image-serve keygen`) "
+                        "[env GLM_CURVE_SECRET_KEY]; needs --curve-allow-dir. Without both the bus is plaintext")
+    r.add_argument("--curve-allow-dir", metavar="DIR", default=_env_path("GLM_CURVE_ALLOW_DIR"),
+                   help="CurveZMQ: directory of the worker public keys (.key files) allowed on the bus, re-read when it "
+                        "changes: adding or removing a key needs no restart [env GLM_CURVE_ALLOW_DIR]; needs --curve-secret-key")
+    _add_api_keys(r)
 
     ar = sub.add_parser("ar-worker", help="AR stage worker (prompt + size -> prior token grid)")
     _add_worker(ar)
@@ -103,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--preset", choices=["tiny", "real-shape"], default="tiny",
                       help="tiny widths (default), or the released configuration with 1 layer per stack in bfloat16 "
                            "(~3 GB; see docs/model_facts.md)")
+
+    keygen = sub.add_parser("keygen", help="write CurveZMQ keys for the bus: the router's, one per worker name, and the "
+                                           "router's allow-list of worker public keys")
+    keygen.add_argument("--out", required=True, metavar="DIR", help="output folder (what `launch --curve-keys` takes)")
+    keygen.add_argument("--worker", action="append", metavar="NAME",
+                        help="a worker key name; repeat for several (default: ar and dit, one per stage, as the "
+                             "launcher and one Kubernetes Deployment per stage use them)")
+    keygen.add_argument("--workers", type=int, metavar="N",
+                        help="instead: N worker keys per stage, named ar-0..ar-N-1 and dit-0..dit-N-1 (one per machine)")
+    keygen.add_argument("--overwrite", action="store_true", help="replace existing key files (their workers then need the new keys)")
 
     from launch import client
 
@@ -139,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
 
         print(build_tiny_model(args.out, overwrite=args.overwrite, preset=args.preset))
         return
+    if args.command == "keygen":
+        sys.exit(_keygen(args))
     if args.command == "generate":
         from launch.client import run
 
@@ -157,16 +226,39 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {exc}")
     import uvloop
 
+    from common.bus_security import BusSecurityError, RouterCurve, WorkerCurve
+
     if args.command == "router":
         from router.server import serve_router
 
-        uvloop.run(serve_router(config, args.model_name, args.host, args.port, args.bus_bind, args.shutdown_grace))
+        try:
+            curve = RouterCurve.from_files(args.curve_secret_key, args.curve_allow_dir)
+        except BusSecurityError as exc:
+            sys.exit(f"error: {exc}")
+        api_keys = _api_key_config(args)
+        uvloop.run(serve_router(config, args.model_name, args.host, args.port, args.bus_bind, args.shutdown_grace,
+                                curve=curve, api_keys=api_keys))
         return
+    from common.worker_runtime import parse_router_targets
+
+    try:  # before loading any weights
+        parse_router_targets(args.router)
+        worker_curve = WorkerCurve.from_files(args.curve_router_key, args.curve_secret_key)
+    except (BusSecurityError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
     model = _resolve_model(args.model, config)
     stage = config.ar if args.command == "ar-worker" else config.dit
     device = _resolve_device(args.device, stage.devices, getattr(stage, "engine", "transformers"))
-    from common.worker_main import WorkerOptions
+    from common.worker_main import WorkerOptions, parse_advertise
 
+    advertise = None
+    if args.metrics_advertise:
+        if not args.metrics_port:
+            sys.exit("error: --metrics-advertise (or GLM_METRICS_ADVERTISE) needs --metrics-port: there is nothing to scrape without it")
+        try:
+            advertise = parse_advertise(args.metrics_advertise, args.metrics_port)
+        except ValueError as exc:
+            sys.exit(f"error: {exc}")
     options = WorkerOptions(
         model_path=model,
         config=config,
@@ -175,7 +267,9 @@ def main(argv: list[str] | None = None) -> None:
         device=device,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        metrics_advertise=advertise,
         drain_grace_s=args.drain_grace,
+        curve=worker_curve,
     )
     from common.worker_runtime import WorkerRefused
 
@@ -187,6 +281,26 @@ def main(argv: list[str] | None = None) -> None:
         uvloop.run(serve(options))
     except WorkerRefused as exc:
         sys.exit(f"error: the router refused this worker: {exc}")
+
+
+def _keygen(args) -> int:
+    """`glm-image-serve keygen`: write the keys, say which file goes where."""
+    from common.bus_security import DEFAULT_WORKER_NAMES, BusSecurityError, write_keys
+
+    if args.worker and args.workers is not None:
+        sys.exit("error: give either --worker NAME (repeatable) or --workers N, not both")
+    if args.workers is not None:
+        if args.workers < 1:
+            sys.exit("error: --workers must be at least 1")
+        names = [f"{stage}-{i}" for stage in ("ar", "dit") for i in range(args.workers)]
+    else:
+        names = args.worker or list(DEFAULT_WORKER_NAMES)
+    try:
+        written = write_keys(args.out, names, overwrite=args.overwrite)
+    except (BusSecurityError, OSError) as exc:
+        sys.exit(f"error: {exc}")
+    print(written.describe())
+    return 0
 
 
 def die_with_supervisor() -> None:
@@ -232,6 +346,8 @@ def _launch(args) -> int:
             dit_devices=_split(args.dit_devices),
             worker_metrics_port=args.metrics_port,
             shutdown_grace_s=args.shutdown_grace,
+            curve_keys=args.curve_keys,
+            **_launch_api_keys(args),
         )
         deployment = plan_deployment(options)
     except (StageConfigError, ValueError) as exc:
@@ -263,6 +379,15 @@ def _launch(args) -> int:
     return asyncio.run(supervise())
 
 
+def _launch_api_keys(args) -> dict:
+    """The router's key options for LaunchOptions: keys travel in its environment, the file as a path."""
+    config = _api_key_config(args)
+    if config is None:
+        return {}
+    key_file = str(config.key_file) if config.key_file is not None else None
+    return {"api_keys": config.keys, "api_key_file": key_file, "protect_metrics": config.protect_metrics}
+
+
 def _split(devices: str) -> tuple[str, ...]:
     return tuple(d.strip() for d in devices.split(",") if d.strip())
 
@@ -284,8 +409,21 @@ def _ready_banner(args, options, deployment, config, log_dir: Path) -> str:
     for stage, devices, count in (("ar", options.ar_devices, options.num_ar), ("dit", options.dit_devices, options.num_dit)):
         stage_config = config.ar if stage == "ar" else config.dit
         device = _resolve_device(devices[0] if devices else None, stage_config.devices, getattr(stage_config, "engine", "transformers"))
+        curve = ""
+        if options.curve_keys is not None:
+            from launch.supervisor import curve_key_file
+
+            keys = Path(options.curve_keys).absolute()
+            try:  # the stage's shared key when keygen made one; else that worker's own, to be made
+                secret = curve_key_file(options.curve_keys, stage)
+            except ValueError:
+                secret = keys / "workers" / f"{stage}-{count}.key_secret"
+                key_hint = (f"\n  (make {secret.name} with `glm-image-serve keygen --out DIR --worker {stage}-{count}` "
+                            f"and copy its .key into {keys / 'allowed_workers'}/)")
+                reach = reach if key_hint in reach else reach + key_hint
+            curve = f" \\\n      --curve-router-key {keys / 'router.key'} --curve-secret-key {secret}"
         joins.append(f"  glm-image-serve {stage}-worker --router {join_address} --stage-config {Path(options.stage_config).resolve()} \\\n"
-                     f"      --model {Path(options.model).resolve()} --device {device} --worker-id {stage}-{count}")
+                     f"      --model {Path(options.model).resolve()} --device {device} --worker-id {stage}-{count}{curve}")
     metrics = f"{url}/metrics"
     if options.worker_metrics_port is not None:
         last = options.worker_metrics_port + options.num_ar + options.num_dit - 1
@@ -297,6 +435,7 @@ def _ready_banner(args, options, deployment, config, log_dir: Path) -> str:
         f"GLM-Image is serving at {url}  (model: {options.model_name}, from {options.model})",
         "Try:",
         f"  curl -s {url}/v1/images/generations -H 'Content-Type: application/json' \\",
+        *(["    -H \"Authorization: Bearer $GLM_API_KEY\" \\"] if options.api_keys or options.api_key_file else []),
         f"    -d '{curl_body}' \\",
         "    | jq -r '.data[0].b64_json' | base64 -d > out.png",
         f"Metrics: {metrics}",

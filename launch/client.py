@@ -525,6 +525,8 @@ def _refusal(response: httpx.Response) -> ClientError:
     retry_after = response.headers.get("retry-after")
     if retry_after:
         message += f" (retry after {retry_after}s)"
+    if response.status_code == 401:
+        message += " (pass the key with --api-key, or set $GLM_API_KEY)"
     if response.status_code < 500:
         return ClientError(EXIT_REFUSED, f"the router refused the request ({response.status_code}): {message}")
     return ClientError(EXIT_SERVER_FAILED, f"the router failed ({response.status_code}): {message}")

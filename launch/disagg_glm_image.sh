@@ -18,6 +18,12 @@ Usage: $0 [options]   (every option also reads from the environment variable sho
   --port N               HTTP port [GLM_PORT] (default 8000)
   --bus-port N           ZeroMQ bus port the workers connect to [GLM_BUS_PORT] (default 5570)
   --bus-host ADDR        address the bus binds [GLM_BUS_HOST] (default: the HTTP host; 0.0.0.0 = all)
+  --curve-keys DIR       encrypt and authenticate the bus with CurveZMQ, using the keys that
+                         \`glm-image-serve keygen --out DIR\` wrote [GLM_CURVE_KEYS] (default: plaintext)
+  --api-key KEY          require 'Authorization: Bearer KEY' on /v1/*; repeat for several keys. Shown
+                         by \`ps\`: prefer GLM_API_KEY (comma separated keys) or --api-key-file
+  --api-key-file FILE    accepted keys, one per line, '#' comments [GLM_API_KEY_FILE]; re-read on change
+  --protect-metrics      /metrics needs a key too [GLM_PROTECT_METRICS=1] (default: open)
   --num-ar N             AR workers [GLM_NUM_AR] (default 1)
   --num-dit N            DiT workers [GLM_NUM_DIT] (default 1)
   --ar-devices LIST      comma list of devices, worker i takes item i mod len [GLM_AR_DEVICES]
@@ -46,12 +52,14 @@ USAGE
 
 MODEL=${GLM_MODEL:-}; MODEL_NAME=${GLM_MODEL_NAME:-}; STAGE_CONFIG=${GLM_STAGE_CONFIG:-}
 HOST=${GLM_HOST:-127.0.0.1}; PORT=${GLM_PORT:-8000}; BUS_PORT=${GLM_BUS_PORT:-5570}; BUS_HOST=${GLM_BUS_HOST:-}
+CURVE_KEYS=${GLM_CURVE_KEYS:-}
+API_KEYS=(); PROTECT_METRICS=${GLM_PROTECT_METRICS:-}  # GLM_API_KEY and GLM_API_KEY_FILE reach the launcher as they are
 NUM_AR=${GLM_NUM_AR:-1}; NUM_DIT=${GLM_NUM_DIT:-1}; AR_DEVICES=${GLM_AR_DEVICES:-}; DIT_DEVICES=${GLM_DIT_DEVICES:-}
 METRICS_PORT=${GLM_WORKER_METRICS_PORT:-}; SUPERVISOR_METRICS_PORT=${GLM_SUPERVISOR_METRICS_PORT:-}
 LOG_DIR=${GLM_LOG_DIR:-}; MAX_RESTARTS=${GLM_MAX_RESTARTS:-5}; RESTART_WINDOW=${GLM_RESTART_WINDOW:-60}
 READY_TIMEOUT=${GLM_READY_TIMEOUT:-600}; SHUTDOWN_GRACE=${GLM_SHUTDOWN_GRACE:-30}
 while [ $# -gt 0 ]; do
-  case "$1" in -h|--help) usage; exit 0 ;; esac
+  case "$1" in -h|--help) usage; exit 0 ;; --protect-metrics) PROTECT_METRICS=1; shift; continue ;; esac
   [ $# -ge 2 ] || { echo "option $1 needs a value" >&2; usage >&2; exit 2; }
   case "$1" in
     --model) MODEL=$2 ;;
@@ -61,6 +69,9 @@ while [ $# -gt 0 ]; do
     --port) PORT=$2 ;;
     --bus-port) BUS_PORT=$2 ;;
     --bus-host) BUS_HOST=$2 ;;
+    --curve-keys) CURVE_KEYS=$2 ;;
+    --api-key) API_KEYS+=(--api-key "$2") ;;
+    --api-key-file) export GLM_API_KEY_FILE=$2 ;;
     --num-ar) NUM_AR=$2 ;;
     --num-dit) NUM_DIT=$2 ;;
     --ar-devices) AR_DEVICES=$2 ;;
@@ -94,6 +105,9 @@ args=(--model "$MODEL" --model-name "$MODEL_NAME" --stage-config "$STAGE_CONFIG"
   --bus-port "$BUS_PORT" --num-ar "$NUM_AR" --num-dit "$NUM_DIT" --max-restarts "$MAX_RESTARTS"
   --restart-window "$RESTART_WINDOW" --ready-timeout "$READY_TIMEOUT" --shutdown-grace "$SHUTDOWN_GRACE")
 [ -n "$BUS_HOST" ] && args+=(--bus-host "$BUS_HOST")
+[ -n "$CURVE_KEYS" ] && args+=(--curve-keys "$CURVE_KEYS")
+args+=(${API_KEYS[@]+"${API_KEYS[@]}"})
+[ -n "$PROTECT_METRICS" ] && [ "$PROTECT_METRICS" != 0 ] && args+=(--protect-metrics)
 [ -n "$AR_DEVICES" ] && args+=(--ar-devices "$AR_DEVICES")
 [ -n "$DIT_DEVICES" ] && args+=(--dit-devices "$DIT_DEVICES")
 [ -n "$METRICS_PORT" ] && args+=(--metrics-port "$METRICS_PORT")

@@ -98,6 +98,15 @@ class Cluster:
     http_port: int = field(default_factory=free_port)
     bus_port: int = field(default_factory=free_port)
     procs: dict[str, Proc] = field(default_factory=dict)
+    # A `glm-image-serve keygen` folder: the bus runs CurveZMQ, every worker with its stage's key
+    # (workers/ar.key_secret, workers/dit.key_secret). None: plaintext.
+    curve_keys: Path | None = None
+    # Give every worker a --metrics-port (kept across restarts under the same name): it then serves
+    # /metrics and the router lists it at /metrics/targets for Prometheus.
+    worker_metrics: bool = False
+    metrics_ports: dict[str, int] = field(default_factory=dict)  # worker name -> its metrics port
+    # API keys the router requires on /v1/* (in its environment, $GLM_API_KEY); none: the API is open.
+    api_keys: tuple[str, ...] = ()
     # Extra environment for every process. One math thread each: several processes share a
     # small CPU, and oversubscribed OpenMP threads made requests several times slower.
     env: dict[str, str] = field(default_factory=lambda: {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
@@ -112,8 +121,13 @@ class Cluster:
         """The router's ZeroMQ address, where workers connect."""
         return f"tcp://127.0.0.1:{self.bus_port}"
 
-    def _spawn(self, name: str, args: list[str]) -> Proc:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "GLM_SERVE_LOG_LEVEL": "INFO", **self.env}
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """The Authorization header of the first API key, or {} when the API is open."""
+        return {"Authorization": f"Bearer {self.api_keys[0]}"} if self.api_keys else {}
+
+    def _spawn(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> Proc:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "GLM_SERVE_LOG_LEVEL": "INFO", **self.env, **(extra_env or {})}
         log_path = self.workdir / f"{name}.log"
         with open(log_path, "ab") as log:
             # A session of its own, so that signals reach the process and any children it spawns.
@@ -125,16 +139,32 @@ class Cluster:
 
     def start_router(self, extra: list[str] | None = None) -> Proc:
         """Start (or restart, under the same name and ports) the router process."""
+        curve = []
+        if self.curve_keys is not None:
+            curve = ["--curve-secret-key", str(self.curve_keys / "router.key_secret"),
+                     "--curve-allow-dir", str(self.curve_keys / "allowed_workers")]
         return self._spawn(
             "router",
             ["router", "--stage-config", str(self.stage_config), "--host", "127.0.0.1", "--port", str(self.http_port),
-             "--bus-bind", self.bus_address, "--model-name", self.model_name] + (extra or []),
+             "--bus-bind", self.bus_address, "--model-name", self.model_name] + curve + (extra or []),
+            # Set even when empty: a key from the test's own environment must not leak in.
+            {"GLM_API_KEY": ",".join(self.api_keys), "GLM_API_KEY_FILE": ""},
         )
 
-    def start_worker(self, stage: str, name: str, extra: list[str] | None = None) -> Proc:
-        """Start a worker of `stage` ("ar" or "dit") named `name`; it registers with the router on its own."""
+    def start_worker(self, stage: str, name: str, extra: list[str] | None = None, curve: bool = True,
+                     metrics: bool | None = None) -> Proc:
+        """Start a worker of `stage` ("ar" or "dit") named `name`; it registers with the router on its own.
+        It serves metrics when `metrics` says so (default: `worker_metrics`) or `extra` has a --metrics-port.
+
+        With `curve_keys` it gets its stage's CURVE key unless `curve` is False (then `extra` may
+        pass other --curve-* flags, or none: a plaintext worker)."""
         args = [f"{stage}-worker", "--stage-config", str(self.stage_config), "--router", self.bus_address,
                 "--model", str(self.model), "--worker-id", name, "--device", "cpu"]
+        if self.curve_keys is not None and curve:
+            args += ["--curve-router-key", str(self.curve_keys / "router.key"),
+                     "--curve-secret-key", str(self.curve_keys / "workers" / f"{stage}.key_secret")]
+        if (self.worker_metrics if metrics is None else metrics) and "--metrics-port" not in (extra or []):
+            args += ["--metrics-port", str(self.metrics_ports.setdefault(name, free_port()))]
         return self._spawn(name, args + (extra or []))
 
     def start(self, timeout: float | None = None) -> "Cluster":

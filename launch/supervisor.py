@@ -107,6 +107,9 @@ class ProcessSpec:
     name: str  # log prefix, log file name and metrics label; a worker's --worker-id too
     role: Role
     argv: tuple[str, ...]
+    # Set in this process's environment on top of the supervisor's: secrets (API keys) go here,
+    # never on the command line, where `ps` shows them to every user.
+    env: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,10 @@ class LaunchOptions:
     dit_devices: tuple[str, ...] = ()
     worker_metrics_port: int | None = None  # worker k (AR first, then DiT) gets this + k
     shutdown_grace_s: float = 30.0  # the router's --shutdown-grace and the workers' --drain-grace
+    curve_keys: str | None = None  # a `glm-image-serve keygen` folder: CURVE on the bus; None: plaintext
+    api_keys: tuple[str, ...] = ()  # the router's API keys (its environment, not its argv)
+    api_key_file: str | None = None  # a key file the router reads (and re-reads when it changes)
+    protect_metrics: bool = False  # the router's /metrics needs a key too
 
 
 @dataclass(frozen=True)
@@ -164,12 +171,23 @@ def plan_deployment(options: LaunchOptions, python: str = sys.executable) -> Dep
         raise ValueError("at least one AR and one DiT worker are needed")
     bus_bind, bus_connect = bus_addresses(options.host, options.bus_host, options.bus_port)
     cli = (python, "-m", "launch.cli")
-    processes = [
-        ProcessSpec("router", "router", cli + (
-            "router", "--stage-config", options.stage_config, "--host", options.host, "--port", str(options.port),
-            "--bus-bind", bus_bind, "--model-name", options.model_name, "--shutdown-grace", str(options.shutdown_grace_s),
-        ))
-    ]
+    router_argv = cli + (
+        "router", "--stage-config", options.stage_config, "--host", options.host, "--port", str(options.port),
+        "--bus-bind", bus_bind, "--model-name", options.model_name, "--shutdown-grace", str(options.shutdown_grace_s),
+    )
+    if options.curve_keys is not None:
+        allow_dir = Path(options.curve_keys).absolute() / "allowed_workers"
+        if not allow_dir.is_dir():
+            raise ValueError(f"--curve-keys {options.curve_keys}: no allowed_workers/ folder; "
+                             f"write the keys with `glm-image-serve keygen --out {options.curve_keys}`")
+        router_argv += ("--curve-secret-key", str(curve_key_file(options.curve_keys, "router")),
+                        "--curve-allow-dir", str(allow_dir))
+    if options.api_key_file is not None:
+        router_argv += ("--api-key-file", str(Path(options.api_key_file).absolute()))
+    if options.protect_metrics:
+        router_argv += ("--protect-metrics",)
+    router_env = (("GLM_API_KEY", ",".join(options.api_keys)),) if options.api_keys else ()
+    processes = [ProcessSpec("router", "router", router_argv, router_env)]
     index = 0
     for role, count, devices in (("ar", options.num_ar, options.ar_devices), ("dit", options.num_dit, options.dit_devices)):
         for i in range(count):
@@ -178,6 +196,9 @@ def plan_deployment(options: LaunchOptions, python: str = sys.executable) -> Dep
                 f"{role}-worker", "--stage-config", options.stage_config, "--router", bus_connect, "--model", options.model,
                 "--worker-id", name, "--drain-grace", str(options.shutdown_grace_s),
             )
+            if options.curve_keys is not None:
+                argv += ("--curve-router-key", str(curve_key_file(options.curve_keys, "router", public=True)),
+                         "--curve-secret-key", str(curve_key_file(options.curve_keys, name, fallback=role)))
             if devices:
                 argv += ("--device", devices[i % len(devices)])
             if options.worker_metrics_port is not None:
@@ -192,6 +213,23 @@ def plan_deployment(options: LaunchOptions, python: str = sys.executable) -> Dep
         bus_connect=bus_connect,
         expected_workers={"ar": options.num_ar, "dit": options.num_dit},
     )
+
+
+def curve_key_file(keys_dir: str, name: str, *, public: bool = False, fallback: str | None = None) -> Path:
+    """A key file in a `glm-image-serve keygen` folder: the router's (`router.key_secret`, or
+    `router.key` if `public`), else a worker's, `workers/NAME.key_secret` or, when absent,
+    `workers/FALLBACK.key_secret` (keygen's per-stage default: ar, dit). ValueError if missing."""
+    base = Path(keys_dir)
+    suffix = ".key" if public else ".key_secret"
+    if name == "router":
+        candidates = [base / f"router{suffix}"]
+    else:
+        candidates = [base / "workers" / f"{n}{suffix}" for n in (name, fallback) if n]
+    for path in candidates:
+        if path.is_file():
+            return path.absolute()  # not resolve(): a restart must follow a rotated Secret's symlinks
+    raise ValueError(f"--curve-keys {keys_dir}: no {' or '.join(str(c) for c in candidates)}; "
+                     f"write the keys with `glm-image-serve keygen --out {keys_dir}`")
 
 
 def describe_exit(returncode: int) -> str:
@@ -216,9 +254,9 @@ class SupervisorMetrics:
         self.restarts = Counter(
             "glm_supervisor_restarts", "Processes restarted after an unexpected exit, by process and exit status "
             "(a signal name or the exit code)", ["process", "exit"], registry=self.registry)
-        self.running = Gauge("glm_supervisor_process_running", "1 while the process runs", ["process", "role"], registry=self.registry)
+        self.running = Gauge("glm_supervisor_running", "1 while the process runs", ["process", "role"], registry=self.registry)
         self.gave_up = Gauge(
-            "glm_supervisor_process_gave_up", "1 when the process was left down after a crash loop", ["process"], registry=self.registry)
+            "glm_supervisor_gave_up", "1 when the process was left down after a crash loop", ["process"], registry=self.registry)
 
     def serve(self, host: str, port: int) -> Callable[[], None]:
         """Expose /metrics on host:port (a daemon thread); returns the function that stops it."""
@@ -268,7 +306,7 @@ class ManagedProcess:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            env=dict(env),
+            env={**env, **dict(self.spec.env)},
             start_new_session=True,  # its own process group: no terminal Ctrl-C, one killpg for its children
             limit=1 << 20,
         )

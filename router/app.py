@@ -1,8 +1,11 @@
 """The router's HTTP application: the endpoints plus the layers around them.
 
 Where things live, in the order a request meets them:
+  http_limits.py      per connection: header deadline and size, connection cap (uvicorn protocol)
   request_context.py  ids, metrics, last-resort 500 (ASGI middleware)
-  http_body.py        reading bodies with limits (JSON, multipart)
+  auth.py             API keys on /v1/* (ASGI middleware, before any body is read)
+  http_body.py        reading bodies with limits: deadline, size, type (JSON, multipart)
+  safe_json.py        JSON parsed with limits on depth, values, numbers, keys, encoding
   schemas.py          validation of bodies against the deployment limits
   images.py           safe decoding of condition images
   endpoints.py        the endpoints: body -> ImageRequest -> backend -> response
@@ -18,8 +21,11 @@ from __future__ import annotations
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from router.auth import ApiKeyConfig, ApiKeyMiddleware, ApiKeys, AuthMetrics
 from router.endpoints import ImageAPI, add_routes
+from router.http_body import BodyDeadlineMiddleware
 from router.http_errors import install_error_handlers
+from router.http_limits import HttpLimitMetrics
 from router.http_metrics import HttpMetrics
 from router.image_request import ImageBackend
 from router.openapi import install_openapi
@@ -28,10 +34,13 @@ from router.request_context import RequestContextMiddleware
 from router.schemas import ChatCompletionRequest, ImageGenerationRequest, resolve_size
 
 
-def create_app(backend: ImageBackend, registry: CollectorRegistry) -> FastAPI:
+def create_app(backend: ImageBackend, registry: CollectorRegistry, api_keys: ApiKeyConfig | None = None,
+               limit_metrics: HttpLimitMetrics | None = None) -> FastAPI:
     """Build the router's FastAPI app around `backend`, exposing `registry` at /metrics.
 
-    Fails at once if the configured default size is not a valid size.
+    With `api_keys`, /v1/* (and /metrics with `protect_metrics`) need one of them. `limit_metrics`
+    are the connection limits' metrics when the server made them (router/http_limits.py).
+    Fails at once if the configured default size is not a valid size, or a key file is unreadable.
     """
     resolve_size(None, backend.config.limits)  # an invalid default_size is a config error: fail at startup
     app = FastAPI(
@@ -42,6 +51,12 @@ def create_app(backend: ImageBackend, registry: CollectorRegistry) -> FastAPI:
     )
     install_error_handlers(app)
     http_metrics = HttpMetrics(registry)
+    limit_metrics = limit_metrics or HttpLimitMetrics(registry)
+    # Added innermost first: a request meets RequestContext, then the API key check, then the body deadline.
+    app.add_middleware(BodyDeadlineMiddleware, timeout_s=backend.config.router.http_body_timeout_s,
+                       on_timeout=limit_metrics.closed.labels("body_timeout").inc)
+    if api_keys is not None:
+        app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(api_keys), metrics=AuthMetrics(registry))
     app.add_middleware(RequestContextMiddleware, metrics=http_metrics, routes=lambda: app.routes)
     add_routes(app, ImageAPI(backend, registry, http_metrics))
     add_playground_routes(app, backend)  # the web playground at GET / (router/playground.py)

@@ -5,6 +5,9 @@ validated; anything malformed is logged and dropped, so a worker sending
 garbage cannot take the router down. Replies are matched to the job and the
 worker it was sent to: late or duplicate replies (say, from a worker we had
 declared dead) are dropped.
+
+With CURVE (`RouterCurve`) the socket is a CURVE server: traffic is encrypted and only workers
+whose public key is in the allow-list directory complete the handshake (common/bus_security.py).
 """
 
 from __future__ import annotations
@@ -18,7 +21,18 @@ from typing import Callable
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
+from common.bus_security import (
+    REFUSED_BAD_HANDSHAKE,
+    REFUSED_NO_KEY,
+    REFUSED_UNEXPECTED_CURVE,
+    REFUSED_UNKNOWN_KEY,
+    AllowList,
+    RouterCurve,
+    ZapAuthenticator,
+    configure_server,
+)
 from common.protocol import (
     Goodbye,
     Heartbeat,
@@ -39,6 +53,12 @@ from router.metrics import RouterMetrics
 from router.worker_pool import WorkerPool, WorkerState
 
 logger = logging.getLogger(__name__)
+
+# A refused peer keeps retrying (our workers every peer timeout, a bare ZeroMQ peer every 0.1 s):
+# every refusal is counted, but the log repeats a (reason, peer, key) at most this often.
+_REFUSAL_LOG_EVERY_S = 60.0
+# Not EVENT_HANDSHAKE_FAILED_NO_DETAIL: a TCP probe that connects and hangs up is no refusal.
+_HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 
 
 def is_local_bind(address: str) -> bool:
@@ -70,15 +90,23 @@ class RouterBus:
 
     Only workers whose stage-config fingerprint equals `config_fingerprint` are
     registered; others are told why (RegistrationRefused), logged once and counted.
+    With `curve`, only workers whose key is in its allow-list get through the handshake; every
+    refused handshake is counted in glm_router_workers_refused (reason curve_*) and logged with
+    the peer's address and key prefix (the same peer and key at most once a minute).
     """
 
     def __init__(self, bind_address: str, bus_config: BusConfig, pool: WorkerPool, metrics: RouterMetrics,
-                 config_fingerprint: str):
+                 config_fingerprint: str, curve: RouterCurve | None = None):
         self.bind_address = bind_address
         self.bus_config = bus_config
         self.pool = pool
         self.metrics = metrics
         self.config_fingerprint = config_fingerprint
+        self.curve = curve
+        self._zap: ZapAuthenticator | None = None
+        self._monitor: zmq.asyncio.Socket | None = None
+        # (reason, peer, key prefix) -> when it was last logged.
+        self._refusals_logged: dict[tuple[str, str, str], float] = {}
         # (worker_id, fingerprint) pairs already refused: logged and counted once, answered every time.
         self._refused: set[tuple[str, str]] = set()
         self.ctx = zmq.asyncio.Context()
@@ -99,17 +127,30 @@ class RouterBus:
         # A worker that reconnects (new socket, same identity) takes its identity over at once,
         # instead of being refused while its old connection is still being torn down.
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if self.curve is not None:
+            # The ZAP handler first: a CURVE socket with no handler bound lets every key in.
+            self._zap = ZapAuthenticator(self.ctx, AllowList(self.curve.allow_dir), self._handshake_refused)
+            self._zap.start()
+            configure_server(sock, self.curve)
+        # Handshakes that fail before ZAP is asked (no CURVE, wrong router key) show only here.
+        self._monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
         sock.bind(self.bind_address)
         self.socket = sock
         self._tasks = [
             asyncio.create_task(self._receive_loop(), name="bus-recv"),
             asyncio.create_task(self._liveness_loop(), name="bus-liveness"),
+            asyncio.create_task(self._monitor_loop(), name="bus-monitor"),
         ]
-        logger.info("bus bound at %s (stage config %s)", self.bind_address, self.config_fingerprint)
-        if not is_local_bind(self.bind_address):
+        if self.curve is not None:
+            logger.info("bus bound at %s with CURVE (router key %s..., allow-list %s) (stage config %s)",
+                        self.bind_address, self.curve.keypair.prefix, self.curve.allow_dir, self.config_fingerprint)
+        else:
+            logger.info("bus bound at %s (stage config %s)", self.bind_address, self.config_fingerprint)
+        if self.curve is None and not is_local_bind(self.bind_address):
             logger.warning("the bus at %s is reachable from other machines and is neither authenticated nor "
                            "encrypted: anyone who can reach it can register as a worker and see prompts and "
-                           "images; keep it on a trusted network", self.bind_address)
+                           "images; keep it on a trusted network or turn on CURVE (--curve-secret-key and "
+                           "--curve-allow-dir, see docs/bus_security.md)", self.bind_address)
 
     async def close(self) -> None:
         tasks = list(self._tasks)
@@ -119,7 +160,12 @@ class RouterBus:
         for job in self.pending.values():
             if not job.future.done():
                 job.future.set_exception(WorkerLost("router shutting down"))
+        if self._zap is not None:
+            await self._zap.close()
         if self.socket is not None:
+            if self._monitor is not None:
+                self.socket.disable_monitor()
+                self._monitor.close(linger=0)
             self.socket.close(linger=0)
         self.ctx.term()
 
@@ -199,7 +245,7 @@ class RouterBus:
         logger.warning("worker %s (%s) unreachable: dropped until it heartbeats again",
                        worker.info.worker_id, worker.info.stage.value)
         self._fail_worker_jobs(worker.info.worker_id, "was unreachable")
-        self.pool.remove(worker.info.worker_id)
+        self.pool.remove(worker.info.worker_id, reason="unreachable")
 
     async def _receive_loop(self) -> None:
         while True:
@@ -231,7 +277,7 @@ class RouterBus:
                 # Restarted under the same id before it was declared dead: its jobs died with the old process.
                 logger.warning("worker %s restarted (pid %d -> %d)", known.info.worker_id, known.info.pid, message.info.pid)
                 self._fail_worker_jobs(known.info.worker_id, "restarted")
-                self.pool.remove(known.info.worker_id)
+                self.pool.remove(known.info.worker_id, reason="restarted")
             if self.pool.observe(identity, message):
                 info = message.info
                 logger.info("worker %s registered: stage=%s capacity=%d host=%s", info.worker_id, info.stage.value, info.capacity, info.host)
@@ -243,7 +289,7 @@ class RouterBus:
             if state is not None and state.identity == identity:
                 logger.info("worker %s deregistered", message.worker_id)
                 self._fail_worker_jobs(message.worker_id, "left")
-                self.pool.remove(message.worker_id)
+                self.pool.remove(message.worker_id, reason="left")
         elif isinstance(message, (JobResult, JobError, JobProgress)):
             pending = self.pending.get(message.job_id)
             if pending is None or pending.worker_id != message.worker_id or message.worker_id.encode() != identity:
@@ -266,6 +312,41 @@ class RouterBus:
             logger.error("refusing %s worker %s from %s: %s", info.stage.value, info.worker_id, info.host, reason)
             self.metrics.workers_refused.labels(reason="config_mismatch").inc()
         self._spawn(self._send(identity, RegistrationRefused(reason=reason)))
+
+    def _handshake_refused(self, reason: str, peer: str, key_prefix: str) -> None:
+        """A peer's bus handshake was refused: count it every time, log it at most once a minute."""
+        self.metrics.workers_refused.labels(reason=reason).inc()
+        now = time.monotonic()
+        key = (reason, peer, key_prefix)
+        last = self._refusals_logged.get(key)
+        if last is not None and now - last < _REFUSAL_LOG_EVERY_S:
+            return
+        if len(self._refusals_logged) > 1000:  # a peer cycling keys must not grow this for ever
+            self._refusals_logged = {k: t for k, t in self._refusals_logged.items() if now - t < _REFUSAL_LOG_EVERY_S}
+        self._refusals_logged[key] = now
+        what = {
+            REFUSED_UNKNOWN_KEY: "its CURVE public key is not in the allow-list "
+                                 f"{self.curve.allow_dir if self.curve else ''} (add its .key file there to admit it)",
+            REFUSED_NO_KEY: "it does not use CURVE (start it with --curve-router-key and --curve-secret-key)",
+            REFUSED_BAD_HANDSHAKE: "its CURVE handshake failed (does it use this router's public key?)",
+            REFUSED_UNEXPECTED_CURVE: "it uses CURVE but this router does not (start the router with "
+                                      "--curve-secret-key and --curve-allow-dir, or the worker without keys)",
+        }.get(reason, reason)
+        logger.warning("bus refused a connection from %s%s: %s [%s]", peer,
+                       f" with key {key_prefix}..." if key_prefix else "", what, reason)
+
+    async def _monitor_loop(self) -> None:
+        """Count handshakes that fail before ZAP: a plaintext worker at a CURVE router (or the
+        reverse), or one that encrypts for another router key. libzmq's event names the bound
+        endpoint here, not the peer, so these log the endpoint."""
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())
+            endpoint = event["endpoint"]
+            peer = f"a peer at {endpoint.decode(errors='replace') if isinstance(endpoint, bytes) else endpoint}"
+            if event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                self._handshake_refused(REFUSED_NO_KEY if self.curve is not None else REFUSED_UNEXPECTED_CURVE, peer, "")
+            elif self.curve is not None:
+                self._handshake_refused(REFUSED_BAD_HANDSHAKE, peer, "")
 
     def _fail_worker_jobs(self, worker_id: str, why: str) -> None:
         for job_id in [j for j, p in self.pending.items() if p.worker_id == worker_id]:

@@ -4,6 +4,7 @@
   POST /v1/images/edits        multipart/form-data, image-to-image
   POST /v1/chat/completions    JSON, text- or image-to-image through the chat API
   GET  /v1/models, /health, /ready, /metrics
+  GET  /metrics/targets        Prometheus HTTP service discovery of the workers' metrics
 
 Each image endpoint does the same three things: parse and validate its body
 into an `ImageRequest` (sizes resolved here, an omitted size becoming the
@@ -157,6 +158,12 @@ class ImageAPI:
         """Prometheus metrics: the router's registry, HTTP metrics included."""
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def metrics_targets(self) -> Response:
+        """Prometheus HTTP service discovery: a target group per worker that serves metrics
+        (router/service_discovery.py); point `http_sd_configs` here."""
+        groups = self.backend.metrics_targets()
+        return JSONResponse([group.model_dump() for group in groups], headers={"Cache-Control": "no-store"})
+
     # -- the shared path of every image endpoint -----------------------------------
 
     def _image_request(self, request: Request, body: ImageOptions, prompt: str, size: ImageSize,
@@ -228,3 +235,4 @@ def add_routes(app: FastAPI, api: ImageAPI) -> None:
     app.add_api_route("/ready", api.ready, methods=["GET"],
                       responses={503: {"description": "A stage has no live worker; the body gives the counts"}})
     app.add_api_route("/metrics", api.metrics, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/metrics/targets", api.metrics_targets, methods=["GET"], include_in_schema=False)

@@ -5,10 +5,15 @@ from __future__ import annotations
 from starlette.responses import JSONResponse
 
 
-def error_response(status: int, message: str, error_type: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    """The OpenAI-style error body every failure uses: {"error": {"message", "type", "code"}}."""
-    body = {"error": {"message": message, "type": error_type, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+def error_body(status: int, message: str, error_type: str, code: int | str | None = None) -> dict:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}; `code` defaults to the status."""
+    return {"error": {"message": message, "type": error_type, "param": None, "code": status if code is None else code}}
+
+
+def error_response(status: int, message: str, error_type: str, headers: dict[str, str] | None = None,
+                   code: int | str | None = None) -> JSONResponse:
+    """The OpenAI-style error response every failure uses (`error_body`)."""
+    return JSONResponse(error_body(status, message, error_type, code), status_code=status, headers=headers)
 
 
 class ServiceError(Exception):
@@ -34,6 +39,12 @@ class PayloadTooLarge(InvalidRequest):
 
 class UnsupportedMediaType(InvalidRequest):
     status_code = 415
+
+
+class RequestTimeout(InvalidRequest):
+    """The client did not send its request (headers or body) within the deadline."""
+
+    status_code = 408
 
 
 class NotFound(InvalidRequest):

@@ -8,10 +8,11 @@ import math
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from router.errors import ServiceError, error_response
-from router.request_context import log_tag
+from router.request_context import STATUS_CLIENT_CLOSED, log_tag
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,16 @@ async def _request_validation_handler(request: Request, exc: Exception) -> Respo
     return error_response(400, "; ".join(parts) or "invalid request", "invalid_request_error")
 
 
+async def _client_disconnect_handler(request: Request, exc: Exception) -> Response:
+    # The client left while its body was being read: nobody to answer; logged and counted as 499.
+    logger.info("[%s] %s %s: the client disconnected before sending its whole body", log_tag(request),
+                request.method, request.url.path)
+    return Response(status_code=STATUS_CLIENT_CLOSED)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route our ServiceErrors and Starlette's own errors through `error_response`."""
     app.add_exception_handler(ServiceError, _service_error_handler)
+    app.add_exception_handler(ClientDisconnect, _client_disconnect_handler)
     app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
     app.add_exception_handler(RequestValidationError, _request_validation_handler)

@@ -17,28 +17,30 @@ class HttpMetrics:
 
     def __init__(self, registry: CollectorRegistry):
         self.requests = Counter(
-            "glm_image_http_requests", "HTTP requests by endpoint, method and status code.",
+            "glm_router_http_requests", "HTTP requests by endpoint, method and status code.",
             ["endpoint", "method", "status"], registry=registry)
         self.latency = Histogram(
-            "glm_image_http_request_duration_seconds", "Time from request start to response end.",
+            "glm_router_http_request_duration_seconds", "Time from request start to response end.",
             ["endpoint", "method"], buckets=_LATENCY_BUCKETS, registry=registry)
         self.in_flight = Gauge(
-            "glm_image_http_requests_in_flight", "HTTP requests being served.",
+            "glm_router_http_requests_in_flight", "HTTP requests being served.",
             ["endpoint"], registry=registry)
         self.client_disconnects = Counter(
-            "glm_image_http_client_disconnects", "Requests cancelled because the client went away.",
+            "glm_router_http_client_disconnects", "Requests cancelled because the client went away.",
             ["endpoint"], registry=registry)
 
         self.streams = Counter(
-            "glm_image_http_streams", "Streamed (server-sent events) responses started.", ["endpoint"],
+            "glm_router_http_streams", "Streamed (server-sent events) responses started.", ["endpoint"],
             registry=registry)
         self.stream_first_event = Histogram(
-            "glm_image_http_stream_first_event_seconds", "Time from the request to the first event sent.",
+            "glm_router_http_stream_first_event_seconds", "Time from the request to the first event sent.",
             ["endpoint"], buckets=_LATENCY_BUCKETS, registry=registry)
         self.stream_events = Counter(
-            "glm_image_http_stream_events",
+            "glm_router_http_stream_events",
             "Events sent on streams, by kind (partial_image: a preview the DiT decoded; completed; progress).",
             ["kind"], registry=registry)
+        for kind in ("partial_image", "completed", "progress"):  # known up front: exported at 0
+            self.stream_events.labels(kind)
 
     def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, method, str(status)).inc()

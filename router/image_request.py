@@ -9,6 +9,7 @@ from typing import Callable, Literal, Protocol, Union
 from common.image_formats import OutputFormat
 from common.sizes import ImageSize
 from common.stage_config import StageConfig
+from router.service_discovery import ScrapeTargetGroup
 
 
 @dataclass(frozen=True)
@@ -110,4 +111,8 @@ class ImageBackend(Protocol):
 
     def models(self) -> list[str]:
         """Names of the served models."""
+        ...
+
+    def metrics_targets(self) -> list[ScrapeTargetGroup]:
+        """Prometheus HTTP service discovery groups: one per live worker that serves metrics."""
         ...

@@ -13,8 +13,11 @@ from router.schemas import ErrorResponse
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
-    for code, text in [(400, "Invalid request"), (404, "Unknown model"), (413, "Body or image too large"),
+    for code, text in [(400, "Invalid request"), (401, "Missing or invalid API key (when the router has keys)"),
+                       (404, "Unknown model"), (408, "Request headers or body not received in time"),
+                       (413, "Body or image too large"),
                        (415, "Wrong content type"), (429, "Overloaded; see Retry-After"),
+                       (431, "Request headers too large"),
                        (502, "A stage failed"), (503, "No live workers"), (504, "Deadline exceeded")]
 }
 

@@ -46,10 +46,11 @@ from router.image_request import (
     PartialImage,
     StageProgress,
 )
-from router.metrics import RouterMetrics
+from router.metrics import RouterMetrics, StageSnapshot
 from router.result_cache import ResultCache, result_key
 from router.schemas import MAX_SEED
-from router.worker_pool import WorkerPool, WorkerState
+from router.service_discovery import ScrapeTargetGroup, scrape_target_groups
+from router.worker_pool import LOSS_REASONS, WorkerPool, WorkerState
 
 logger = logging.getLogger(__name__)
 
@@ -136,15 +137,33 @@ class Orchestrator:
         # Per stage, the jobs waiting for a free worker slot, oldest first.
         self._waiting: dict[Stage, list[object]] = {stage: [] for stage in Stage}
         self._config_fingerprint = config.fingerprint()
-        # Read at scrape time, so the gauge is never stale.
-        for stage in Stage:
-            metrics.live_workers.labels(stage=stage.value).set_function(lambda s=stage: len(pool.live(s)))
+        # Read at scrape time (on the event loop, which owns this state), so the gauges are exact.
+        metrics.watch_stages(self.stage_snapshots)
 
     def models(self) -> list[str]:
         return [self.model_name]
 
     def live_workers(self) -> dict[str, int]:
         return self.pool.counts()
+
+    def stage_snapshots(self) -> dict[Stage, StageSnapshot]:
+        """Per stage: workers, slots in use and free, jobs waiting for a slot, churn (the autoscaling metrics)."""
+        pool = self.pool
+        return {
+            stage: StageSnapshot(
+                live_workers=len(pool.live(stage)),
+                slots=pool.capacity(stage),
+                busy_slots=pool.busy_slots(stage),
+                queued_jobs=len(self._waiting[stage]),
+                registrations=pool.registrations[stage],
+                losses={reason: pool.losses[stage, reason] for reason in LOSS_REASONS},
+            )
+            for stage in Stage
+        }
+
+    def metrics_targets(self) -> list[ScrapeTargetGroup]:
+        """Where Prometheus can scrape each registered worker (GET /metrics/targets)."""
+        return scrape_target_groups(w.info for w in self.pool.workers.values())
 
     async def generate(self, request: ImageRequest, listener: EventListener | None = None) -> list[GeneratedImage]:
         """Generate `request.n` images (seeds seed, seed+1, ...). Raises ServiceError subclasses;
@@ -296,7 +315,7 @@ class Orchestrator:
             try:
                 result = await self._dispatch_once(stage, run, job_id, payload)
             except _Retryable as retry:
-                self.metrics.stage_retries.labels(stage=stage.value, reason=retry.reason).inc()
+                self.metrics.job_retries.labels(stage=stage.value, reason=retry.reason).inc()
                 if retry.reason == _BOUNCE:
                     bounces += 1
                     if bounces > _MAX_BOUNCES:
@@ -311,7 +330,7 @@ class Orchestrator:
                 if failures > self.config.router.max_retries:
                     break
                 continue
-            self.metrics.stage_seconds.labels(stage=stage.value).observe(time.monotonic() - started)
+            self.metrics.job_seconds.labels(stage=stage.value).observe(time.monotonic() - started)
             if not isinstance(result.payload, result_type):
                 raise StageFailed(f"{stage.value} worker {result.worker_id} answered with a {result.payload.stage} result")
             return result.payload, result.timings

@@ -42,8 +42,13 @@ def client_request_id(request: Request) -> str | None:
 
 def log_tag(request: Request) -> str:
     """How log lines name this request: the router's id, then the client's."""
-    rid = getattr(request.state, "request_id", "-")
-    client = getattr(request.state, "client_request_id", None)
+    return scope_log_tag(request.scope)
+
+
+def scope_log_tag(scope: Scope) -> str:
+    """`log_tag` for ASGI middleware, which has the scope and no Request."""
+    state = scope.get("state", {})
+    rid, client = state.get("request_id", "-"), state.get("client_request_id")
     return rid if client is None else f"{rid} client={client}"
 
 

@@ -377,7 +377,9 @@ class ModelList(BaseModel):
 class ErrorDetail(BaseModel):
     message: str
     type: str
-    code: int
+    param: str | None = None
+    # The HTTP status, or OpenAI's string code where OpenAI uses one ("invalid_api_key").
+    code: int | str
 
 
 class ErrorResponse(BaseModel):

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from common.bus_security import RouterCurve
 from common.stage_config import StageConfig
 from router.app import create_app
+from router.auth import ApiKeyConfig
 from router.bus import RouterBus
+from router.http_limits import ConnectionLimits, HttpLimitMetrics, ensure_open_files, protocol_factory
 from router.metrics import RouterMetrics
 from router.orchestrator import Orchestrator
 from router.worker_pool import WorkerPool
@@ -37,15 +41,25 @@ async def serve_router(
     port: int,
     bus_bind: str,
     shutdown_grace_s: float = 30.0,
+    curve: RouterCurve | None = None,
+    api_keys: ApiKeyConfig | None = None,
 ) -> None:
-    """Bind the bus, serve HTTP until SIGINT/SIGTERM, then finish in-flight requests and exit."""
+    """Bind the bus (with CURVE when `curve` is given), serve HTTP until SIGINT/SIGTERM, then
+    finish in-flight requests and exit. With `api_keys`, /v1/* needs one (router/auth.py); the
+    HTTP connection limits come from `config.router` (router/http_limits.py)."""
     registry = CollectorRegistry()
     pool = WorkerPool(config.bus.peer_timeout_s)
     metrics = RouterMetrics(registry)
-    bus = RouterBus(bus_bind, config.bus, pool, metrics, config.fingerprint())
+    bus = RouterBus(bus_bind, config.bus, pool, metrics, config.fingerprint(), curve=curve)
     orchestrator = Orchestrator(config, bus, pool, metrics, model_name)
 
-    app = create_app(orchestrator, registry)
+    limit_metrics = HttpLimitMetrics(registry)
+    app = create_app(orchestrator, registry, api_keys=api_keys, limit_metrics=limit_metrics)
+    settings = config.router
+    # The connection limits live in our protocol (router/http_limits.py); uvicorn's own
+    # limit_concurrency stays off: it counts tasks too and decides per request.
+    limits = ConnectionLimits.from_settings(settings)
+    limits = dataclasses.replace(limits, max_connections=ensure_open_files(limits.max_connections))
     await bus.start()
     server = _Server(
         uvicorn.Config(
@@ -56,9 +70,14 @@ async def serve_router(
             log_level="warning",
             timeout_graceful_shutdown=int(shutdown_grace_s),
             access_log=False,
+            http=protocol_factory(limits, limit_metrics),  # type: ignore[arg-type]
         )
     )
     logger.info("router listening on http://%s:%d (bus %s), serving %s", host, port, bus_bind, model_name)
+    logger.info("HTTP limits: headers within %gs, body within %gs, %d connections, %d header bytes; API keys: %s",
+                limits.header_timeout_s, settings.http_body_timeout_s, limits.max_connections, limits.max_header_bytes,
+                "off (the API is open)" if api_keys is None else
+                f"on{', /metrics too' if api_keys.protect_metrics else ' (/metrics open)'}")
     loop = asyncio.get_running_loop()
 
     def on_signal(signum: int) -> None:

@@ -13,6 +13,7 @@ import io
 import logging
 import threading
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -44,8 +45,12 @@ def upsample_grid(grid: np.ndarray) -> torch.Tensor:
 class DiTPipelineRunner:
     """Runs one DiT job at a time on its device; `run` is blocking (call it from a thread)."""
 
-    def __init__(self, model_path: str | Path, engine_args: DiTEngineArgs, device: str = "cpu"):
+    def __init__(self, model_path: str | Path, engine_args: DiTEngineArgs, device: str = "cpu",
+                 on_step: Callable[[], None] | None = None):
+        """`on_step` is called (from the job's thread) after every completed denoising step:
+        the worker counts them in `glm_worker_denoising_steps_total`."""
         self.device = torch.device(device)
+        self.on_step = on_step
         self.pipe = GlmImagePipeline.from_pretrained(
             str(model_path),
             vision_language_encoder=None,
@@ -157,6 +162,8 @@ class _StepWatcher:
         self.previews_sent = 0
 
     def __call__(self, pipe, step: int, sigma, callback_kwargs: dict) -> dict:
+        if self.runner.on_step is not None:
+            self.runner.on_step()  # this step ran, even if the job is cancelled now
         if self.cancel.is_set():
             pipe._interrupt = True  # the pipeline skips the remaining steps
             return callback_kwargs

@@ -39,5 +39,6 @@ async def serve_dit_worker(options: WorkerOptions) -> None:
         options,
         # The pipeline runs one job at a time; more slots would only queue inside the worker.
         capacity=1,
-        make_handler=lambda metrics: DiTStageHandler(DiTPipelineRunner(options.model_path, stage.engine_args, options.device)),
+        make_handler=lambda metrics: DiTStageHandler(DiTPipelineRunner(options.model_path, stage.engine_args, options.device,
+                                                                       on_step=metrics.denoising_steps.inc)),
     )

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Debian packages the test suite needs outside Python: headless Chromium and its WebDriver, for
-# the playground's browser test (tests/test_playground.py), and jq, for the curl examples that
-# tests/test_client.py runs (examples/*.sh). Idempotent and quick: it asks dpkg
+# the playground's browser test (tests/test_playground.py); jq, for the curl examples that
+# tests/test_client.py runs (examples/*.sh); kubectl, to render the kustomize manifests in deploy/k8s;
+# prometheus (with promtool), to scrape a live cluster and check the alert rules; tcpdump, to show
+# that CURVE encrypts the bus; iproute2, for the network namespaces the multi-host tests build. Idempotent and quick: it asks dpkg
 # first and runs apt-get (update, then install) only when a package is missing.
 set -euo pipefail
-PACKAGES=(chromium chromium-driver jq)
+PACKAGES=(chromium chromium-driver jq kubectl prometheus tcpdump iproute2)
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 

@@ -239,7 +239,7 @@ def test_killed_workers_and_router_are_restarted_while_requests_succeed(launch):
     metrics = httpx.get(f"http://127.0.0.1:{supervisor_metrics}/metrics", timeout=10, trust_env=False).text
     for name in killed:
         assert _metric(metrics, "glm_supervisor_restarts_total", process=name, exit="SIGKILL") == 1.0, metrics
-    assert sum(_metric(metrics, "glm_supervisor_process_running", process=p) for p in ("router", "ar-0", "ar-1", "dit-0", "dit-1")) == 5
+    assert sum(_metric(metrics, "glm_supervisor_running", process=p) for p in ("router", "ar-0", "ar-1", "dit-0", "dit-1")) == 5
     after = [generate(launcher.url, seed) for seed in (220, 221, 222, 223)]
     assert [r.status_code for r in after] == [200] * 4
 
@@ -332,7 +332,7 @@ def test_crash_loop_is_bounded_and_loud_and_the_rest_keeps_running(tmp_path, cap
         supervisor = Supervisor(processes, always_ready, SupervisorOptions(policy=policy, log_dir=tmp_path),
                                 echo=echo, handle_signals=False)
         run = asyncio.create_task(supervisor.run())
-        await _until(lambda: supervisor.metrics.registry.get_sample_value("glm_supervisor_process_gave_up", {"process": "ar-0"}) == 1)
+        await _until(lambda: supervisor.metrics.registry.get_sample_value("glm_supervisor_gave_up", {"process": "ar-0"}) == 1)
         assert supervisor.process("router").running
         supervisor.request_stop()
         return supervisor, await run

@@ -44,7 +44,7 @@ def cached(tiny_model, tmp_path_factory):
 
 
 def _cache(cluster, outcome: str) -> float:
-    return metric(cluster, f'glm_router_result_cache_total{{outcome="{outcome}"}}')
+    return metric(cluster, f'glm_router_result_cache_lookups_total{{outcome="{outcome}"}}')
 
 
 def test_a_repeat_with_an_explicit_seed_is_a_hit_identical_to_a_recompute(cached, cluster):

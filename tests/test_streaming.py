@@ -155,12 +155,12 @@ def test_errors_before_the_stream_keep_their_status(cluster):
 
 
 def test_streams_are_counted(cluster):
-    before = metric(cluster, 'glm_image_http_streams_total{endpoint="/v1/images/generations"}')
+    before = metric(cluster, 'glm_router_http_streams_total{endpoint="/v1/images/generations"}')
     status, _ = _stream(cluster, {"prompt": PROMPT, "size": "256x256", "stream": True, "partial_images": 1})
     assert status == 200
-    assert metric(cluster, 'glm_image_http_streams_total{endpoint="/v1/images/generations"}') == before + 1
-    assert metric(cluster, 'glm_image_http_stream_events_total{kind="partial_image"}') >= 1
-    assert metric(cluster, "glm_image_http_stream_first_event_seconds_count") >= 1
+    assert metric(cluster, 'glm_router_http_streams_total{endpoint="/v1/images/generations"}') == before + 1
+    assert metric(cluster, 'glm_router_http_stream_events_total{kind="partial_image"}') >= 1
+    assert metric(cluster, "glm_router_http_stream_first_event_seconds_count") >= 1
 
 
 def test_closing_the_stream_cancels_the_denoising(cluster):

@@ -3,7 +3,8 @@
 // On load it reads GET /playground/limits to build the size controls. "Generate" sends
 // POST /v1/images/generations (JSON), or /v1/images/edits (multipart) when condition images
 // are attached, with stream + stream_progress, and reads the server-sent events with
-// fetch() + a stream reader: EventSource can only GET.
+// fetch() + a stream reader: EventSource can only GET. An API key, when the server needs one, is
+// sent as "Authorization: Bearer KEY" and kept in sessionStorage: this tab only, gone when it closes.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -11,10 +12,12 @@ let limits = null;
 let conditionFiles = []; // [{file, url}] in upload order: the first one decides size "auto"
 let inFlight = null; // the AbortController of the running request
 let blobUrls = []; // object URLs of the shown results, revoked when they are cleared
+const API_KEY_STORE = "glm-image-playground.api-key";
 
 // ---------------------------------------------------------------- set-up
 
 document.addEventListener("DOMContentLoaded", async () => {
+  setUpApiKey(); // first: the page is usable for the key even if the limits cannot be read
   try {
     const response = await fetch("/playground/limits");
     if (!response.ok) throw new Error(await errorText(response));
@@ -53,6 +56,25 @@ function setUpControls() {
   $("seed").placeholder = `server default (${limits.seed})`;
   $("n").max = limits.max_n;
   setUpDropZone();
+}
+
+function setUpApiKey() {
+  const input = $("api-key");
+  try {
+    input.value = sessionStorage.getItem(API_KEY_STORE) || "";
+  } catch (_) { /* storage disabled: the key lives in the field only */ }
+  input.addEventListener("input", () => {
+    try {
+      if (input.value) sessionStorage.setItem(API_KEY_STORE, input.value);
+      else sessionStorage.removeItem(API_KEY_STORE);
+    } catch (_) { /* storage disabled */ }
+  });
+}
+
+// The Authorization header of the typed key; none when the field is empty.
+function authHeaders() {
+  const key = $("api-key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
 }
 
 function applyPreset() {
@@ -169,12 +191,13 @@ function requestFields() {
 function buildRequest(fields) {
   if (conditionFiles.length === 0) {
     return ["/v1/images/generations",
-            { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(fields) }];
+            { method: "POST", headers: { "Content-Type": "application/json", ...authHeaders() }, body: JSON.stringify(fields) }];
   }
   const form = new FormData();
   for (const [key, value] of Object.entries(fields)) form.append(key, String(value));
   for (const { file } of conditionFiles) form.append("image[]", file, file.name);
-  return ["/v1/images/edits", { method: "POST", body: form }]; // the browser sets the multipart boundary
+  // The browser sets the multipart Content-Type (with its boundary).
+  return ["/v1/images/edits", { method: "POST", headers: authHeaders(), body: form }];
 }
 
 async function generate() {

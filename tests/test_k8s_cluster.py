@@ -1,0 +1,253 @@
+"""The tiny-cpu Kubernetes overlay, run as separate hosts: every pod in its own network namespace.
+
+`kubectl kustomize` renders deploy/k8s/overlays/tiny-cpu; tests/k8s_replay.py starts each pod's
+containers exactly as rendered (command, args, env, mounted ConfigMaps and Secrets) on its own host
+of a bridged network, with the Services resolving through /etc/hosts. A client host talks HTTP to
+the router pods. Then what a cluster does to a deployment: scale the DiT Deployment up and down,
+kill a router pod and bring a new one, SIGKILL an AR pod mid-request, and let a rogue "worker" with
+no valid CURVE key try to join.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import zmq.auth
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.k8s_render import render_overlay
+from tests.k8s_replay import ManifestReplay, ReplayedPod
+from tests.netns_lab import Host, NetworkLab, wait_until
+
+ROUTER, AR, DIT = "glm-image-router", "glm-image-ar", "glm-image-dit"
+HTTP_PORT, METRICS_PORT = 8000, 9100
+
+
+class Deployment:
+    """The running replay plus what a client needs to talk to it."""
+
+    def __init__(self, replay: ManifestReplay, client: Host, api_key: str):
+        self.replay, self.client, self.api_key = replay, client, api_key
+
+    def routers(self) -> list[ReplayedPod]:
+        return self.replay.pods_of(ROUTER)
+
+    def generate(self, router: ReplayedPod, size: str = "256x256", seed: int = 1, prompt: str = "a red cube"):
+        return self.client.http(
+            "POST", f"http://{router.ip}:{HTTP_PORT}/v1/images/generations",
+            headers={"Authorization": f"Bearer {self.api_key}"},
+            json_body={"prompt": prompt, "size": size, "seed": seed, "num_inference_steps": 1}, timeout=240)
+
+    def generate_many(self, router: ReplayedPod, count: int, during=None) -> list:
+        """`count` concurrent requests; `during()` runs once they are all on their way."""
+        replies: list = [None] * count
+        threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, self.generate(router, seed=100 + i)))
+                   for i in range(count)]
+        for t in threads:
+            t.start()
+        try:
+            if during is not None:
+                during()
+        finally:
+            for t in threads:
+                t.join(timeout=300)
+        return replies
+
+    def metrics(self, pod: ReplayedPod, port: int) -> dict[tuple[str, tuple], float]:
+        reply = self.client.http("GET", f"http://{pod.ip}:{port}/metrics", timeout=10,
+                                 headers={"Authorization": f"Bearer {self.api_key}"})
+        assert reply.status == 200, (pod.name, reply.status)
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(reply.body.decode()) for s in family.samples}
+
+    def jobs_done(self, worker: ReplayedPod) -> float:
+        return sum(v for (name, labels), v in self.metrics(worker, METRICS_PORT).items()
+                   if name == "glm_worker_jobs_total" and ("outcome", "ok") in labels)
+
+    def targets(self, router: ReplayedPod) -> list[dict]:
+        reply = self.client.http("GET", f"http://{router.ip}:{HTTP_PORT}/metrics/targets", timeout=10,
+                                 headers={"Authorization": f"Bearer {self.api_key}"})
+        assert reply.status == 200, reply.body[:300]
+        return reply.json()
+
+
+def _api_key(replay: ManifestReplay) -> str:
+    """The first key of the Secret the router pods mount as their API-key file."""
+    template = replay.deployment(ROUTER)["spec"]["template"]["spec"]
+    mount = next(m for c in template["containers"] for m in c.get("volumeMounts", [])
+                 if m["mountPath"].startswith("/etc/glm-image/api-keys"))
+    volume = next(v for v in template["volumes"] if v["name"] == mount["name"])
+    data = replay._secret(volume["secret"]["secretName"])
+    lines = [line.strip() for content in data.values() for line in content.decode().splitlines()]
+    return next(line for line in lines if line and not line.startswith("#"))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    work = tmp_path_factory.mktemp("k8s")
+    objects = render_overlay("tiny-cpu", work / "render")
+    with NetworkLab() as lab:
+        replay = ManifestReplay(objects, lab, work / "pods", bin_dir=Path(sys.executable).parent)
+        client = lab.add_host("client")
+        routers = [replay.start_pod(ROUTER, wait_ready=False)
+                   for _ in range(replay.deployment(ROUTER)["spec"]["replicas"])]
+        assert len(routers) >= 2, "the router Deployment should run 2+ replicas"
+        # Two AR pods, so one can be killed mid-request; DiT as rendered (1).
+        for _ in range(2):
+            replay.start_pod(AR, wait_ready=False)
+        replay.start_pod(DIT, wait_ready=False)
+        for pod in list(replay.pods):
+            replay.wait_ready(pod, timeout_s=300)
+        try:
+            yield Deployment(replay, client, _api_key(replay))
+        finally:
+            for pod in list(replay.pods):
+                replay.delete_pod(pod, signal.SIGKILL)
+
+
+def test_images_at_several_sizes_through_either_router(cluster):
+    for router in cluster.routers():
+        for size in ("256x256", "512x256", "256x512"):
+            reply = cluster.generate(router, size=size)
+            assert reply.status == 200, (router.name, size, reply.body[:300])
+            image = Image.open(io.BytesIO(base64.b64decode(reply.json()["data"][0]["b64_json"])))
+            assert f"{image.width}x{image.height}" == size
+    # The registrations say where each worker runs: AR and DiT pods, each its own host, none a router's.
+    targets = cluster.targets(cluster.routers()[0])
+    hosts = {t["labels"]["stage"]: set() for t in targets}
+    for t in targets:
+        hosts[t["labels"]["stage"]].add(t["labels"]["host"])
+    assert hosts["ar"] == {p.name for p in cluster.replay.pods_of(AR)}
+    assert hosts["dit"] == {p.name for p in cluster.replay.pods_of(DIT)}
+    assert {t["targets"][0].split(":")[0] for t in targets} == {p.ip for p in cluster.replay.pods_of(AR) + cluster.replay.pods_of(DIT)}
+
+
+def test_unauthenticated_requests_are_refused(cluster):
+    router = cluster.routers()[0]
+    reply = cluster.client.http("POST", f"http://{router.ip}:{HTTP_PORT}/v1/images/generations",
+                                json_body={"prompt": "x", "size": "256x256"})
+    assert reply.status == 401, reply.body[:300]
+
+
+def test_dit_scaled_up_takes_work_and_scaled_down_loses_nothing(cluster):
+    replay = cluster.replay
+    first = replay.pods_of(DIT)
+    added = [replay.start_pod(DIT, wait_ready=False) for _ in range(2)]
+    for pod in added:
+        replay.wait_ready(pod)
+    router = cluster.routers()[0]
+    wait_until(lambda: len([t for t in cluster.targets(router) if t["labels"]["stage"] == "dit"]) == 3, 30,
+               "the router to see 3 DiT workers")
+    before = {p.name: cluster.jobs_done(p) for p in first + added}
+    replies = cluster.generate_many(router, 6)
+    assert all(r is not None and r.status == 200 for r in replies), [r and r.status for r in replies]
+    for pod in added:
+        assert cluster.jobs_done(pod) > before[pod.name], f"{pod.name} took no work"
+    assert all(p.alive() for p in first + cluster.routers()), "scaling up restarted something"
+
+    # Scale back down while requests run: SIGTERM drains, nothing is lost.
+    codes = {}
+    replies = cluster.generate_many(router, 6, during=lambda: codes.update(
+        {p.name: replay.delete_pod(p, signal.SIGTERM) for p in added}))
+    assert all(r is not None and r.status == 200 for r in replies), [(r and r.status, r and r.body[:200]) for r in replies]
+    assert all(c == 0 for per_pod in codes.values() for c in per_pod.values()), codes
+
+
+def test_router_pod_killed_then_replaced(cluster):
+    replay = cluster.replay
+    victim, survivor = cluster.routers()[:2]
+    replay.delete_pod(victim, signal.SIGKILL)
+    reply = cluster.generate(survivor, seed=7)
+    assert reply.status == 200, reply.body[:300]
+    # Kubernetes brings a new pod with a new address; the workers find it through the bus Service.
+    replacement = replay.start_pod(ROUTER, wait_ready=False)
+    assert replacement.ip != victim.ip
+    replay.wait_ready(replacement, timeout_s=120)
+    workers = {p.name for p in replay.pods_of(AR) + replay.pods_of(DIT)}
+    wait_until(lambda: {t["labels"]["host"] for t in cluster.targets(replacement)} == workers, 60,
+               "every worker to join the new router pod")
+    reply = cluster.generate(replacement, seed=8)
+    assert reply.status == 200, reply.body[:300]
+
+
+def test_ar_pod_sigkilled_mid_request_completes_elsewhere(cluster):
+    replay = cluster.replay
+    ar_pods = replay.pods_of(AR)
+    assert len(ar_pods) >= 2
+    router = cluster.routers()[0]
+    killed: list[ReplayedPod] = []
+
+    def kill_a_busy_ar_pod():
+        def busy():
+            for pod in ar_pods:
+                in_flight = sum(v for (name, _), v in cluster.metrics(pod, METRICS_PORT).items()
+                                if name == "glm_worker_jobs_in_flight")
+                if in_flight > 0:
+                    return pod
+            return None
+
+        pod = wait_until(busy, 60, "an AR pod to be running a job", interval_s=0.05)
+        replay.delete_pod(pod, signal.SIGKILL)
+        killed.append(pod)
+
+    replies = cluster.generate_many(router, 3, during=kill_a_busy_ar_pod)
+    assert killed, "no AR pod was killed"
+    assert all(r is not None and r.status == 200 for r in replies), [(r and r.status, r and r.body[:200]) for r in replies]
+    replay.start_pod(AR)  # the Deployment's replacement, for what follows
+
+
+def test_rogue_worker_without_a_valid_key_gets_no_job(cluster, tmp_path):
+    replay = cluster.replay
+    router = cluster.routers()[0]
+    rogue_dir = tmp_path
+
+    def unknown_key(template):
+        # The AR pod's own keypair swapped for a fresh one the routers were never told about.
+        _, secret_file = zmq.auth.create_certificates(str(rogue_dir), "rogue")
+        content = Path(secret_file).read_bytes()
+        for volume in template["spec"]["volumes"]:
+            if "secret" in volume:
+                data = replay._secret(volume["secret"]["secretName"])
+                if any(key.endswith(".key_secret") and not key.startswith("router") for key in data):
+                    name = volume["secret"]["secretName"] + "-rogue"
+                    replay.by_kind["Secret"][name] = {"metadata": {"name": name}, "data": {
+                        k: base64.b64encode(content if k.endswith(".key_secret") and not k.startswith("router") else v).decode()
+                        for k, v in data.items()}}
+                    volume["secret"]["secretName"] = name
+
+    def no_key(template):
+        for container in template["spec"]["containers"]:
+            args, kept = container.get("args", []), []
+            skip = False
+            for arg in args:
+                if skip:
+                    skip = False
+                    continue
+                if arg.startswith("--curve-"):
+                    skip = "=" not in arg
+                    continue
+                kept.append(arg)
+            container["args"] = kept
+            container["env"] = [e for e in container.get("env", []) if not e["name"].startswith("GLM_CURVE")]
+
+    rogues = [replay.start_pod(AR, patch=unknown_key, wait_ready=False),
+              replay.start_pod(AR, patch=no_key, wait_ready=False)]
+    # The routers notice the unknown key and count it; the keyless one cannot even start a handshake.
+    wait_until(lambda: sum(v for (name, labels), v in cluster.metrics(router, HTTP_PORT).items()
+                           if name == "glm_router_workers_refused_total" and any("curve" in str(x) for x in labels)) > 0,
+               120, "the router to refuse the unknown key")
+    replies = cluster.generate_many(router, 4)
+    assert all(r is not None and r.status == 200 for r in replies)
+    for rogue in rogues:
+        assert rogue.alive(), rogue.log()[-2000:]
+        assert cluster.jobs_done(rogue) == 0
+        assert not replay.probe(rogue, rogue.template["spec"]["containers"][0], "readinessProbe")
+    stages = {t["labels"]["host"] for t in cluster.targets(router)}
+    assert not stages & {r.name for r in rogues}

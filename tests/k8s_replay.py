@@ -22,10 +22,15 @@ import os
 import re
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.netns_lab import Host, Mount, NetworkLab, wait_until
+
+# What the container image holds here: this checkout and the Python that runs it (outermost only).
+_IMAGE_PATHS = {Path(__file__).resolve().parents[1], Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()}
+_IMAGE = tuple(sorted(p for p in _IMAGE_PATHS if not any(p != q and p.is_relative_to(q) for q in _IMAGE_PATHS)))
 
 _VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 
@@ -228,7 +233,7 @@ class ManifestReplay:
         pod.logs[container["name"]] = log
         return pod.host.popen(argv, env=env, log_path=log, mounts=mounts,
                               read_only_root=bool(security.get("readOnlyRootFilesystem")),
-                              cwd=container.get("workingDir", "/"))
+                              cwd=container.get("workingDir", "/"), image=_IMAGE)
 
 
 def _write_atomic_volume(path: Path, files: dict[str, bytes], items: list[dict] | None) -> None:

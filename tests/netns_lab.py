@@ -62,20 +62,33 @@ class Host:
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def popen(self, argv: list[str], *, env: dict[str, str], log_path: Path, mounts: list[Mount] = (),
-              read_only_root: bool = False, cwd: str | None = None) -> subprocess.Popen:
-        """Start `argv` on this host: its network, its hostname, its mounts (created here, seen only there)."""
+              read_only_root: bool = False, cwd: str | None = None, image: tuple[Path, ...] = ()) -> subprocess.Popen:
+        """Start `argv` on this host: its network, its hostname, its mounts (created here, seen only there).
+
+        `image` are the machine's folders that stand in for the container image (this checkout, its
+        Python): a mount over one of them (a pod's emptyDir at /tmp over a checkout in /tmp) must
+        not hide them, so they are bound into that mount's source first and carried along with it."""
         script = [f"hostname {shlex.quote(self.name)}"]
         for mount in mounts:
             # Mount points are made before the root turns read-only; on the machine they stay empty.
             self.lab.make_mount_point(mount)
+        image_binds = []
         for mount in mounts:
-            script.append(f"mount --bind {shlex.quote(str(mount.source))} {shlex.quote(mount.target)}")
+            hidden = [p for p in image if p.is_relative_to(mount.target) and p != Path(mount.target)]
+            for path in hidden:
+                staged = mount.source / path.relative_to(mount.target)
+                staged.mkdir(parents=True, exist_ok=True)  # an empty folder in the volume, on the machine
+                script.append(f"mount --bind {shlex.quote(str(path))} {shlex.quote(str(staged))}")
+                image_binds.append(path)
+            bind = "--rbind" if hidden else "--bind"
+            script.append(f"mount {bind} {shlex.quote(str(mount.source))} {shlex.quote(mount.target)}")
             if mount.read_only:
                 script.append(f"mount -o remount,bind,ro {shlex.quote(mount.target)}")
         if read_only_root:
             # Last, so the volumes (mounts of their own, bound from writable folders) stay writable.
             # The mount namespace is private: the machine's root stays read-write.
             script.append("mount -o remount,bind,ro /")
+            script += [f"mount -o remount,bind,ro {shlex.quote(str(path))}" for path in image_binds]
         script.append('exec "$@"')
         full = ["ip", "netns", "exec", self.ns, "unshare", "--mount", "--uts", "--propagation", "private", "--",
                 "/bin/sh", "-ec", "; ".join(script), self.name, *argv]

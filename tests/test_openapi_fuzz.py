@@ -74,6 +74,10 @@ def no_server_error_but_503(ctx, response, case) -> None:
 @settings(
     max_examples=MAX_EXAMPLES,
     deadline=None,
+    # The same cases on every run: schemathesis 4.32 now and then crashes while generating a
+    # negative multipart case with a binary field ("ValueError: Unsupported type: 'Binary'", inside
+    # its own validity filter, before any request), which would fail CI at random on no fault of ours.
+    derandomize=True,
     phases=[Phase.explicit, Phase.generate],
     suppress_health_check=list(HealthCheck),
 )

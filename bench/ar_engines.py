@@ -17,7 +17,7 @@ from pathlib import Path
 
 from common.sizes import ImageSize, token_layout
 from common.stage_config import AREngineArgs
-from launch.tiny_model import build_tiny_model
+from model_presets.tiny_model import build_tiny_model
 from stage_ar.engine import AREngine, ARGenerationRequest
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -39,7 +39,7 @@ from bench.sim_workers import (
     BatchingCurve,
 )
 from common.sizes import ImageSize, token_layout
-from launch.local_cluster import Cluster, write_stage_config
+from harness.local_cluster import Cluster, write_stage_config
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_STAGE_CONFIG = ROOT / "stage_configs" / "glm_image.yaml"

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from common.sizes import ImageSize
-from launch.tiny_model import build_tiny_model
+from model_presets.tiny_model import build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 # GLM-Image's DiT (~7B): 30 blocks of 32 heads x 128 = 4096 hidden (SGLang's GlmImageArchConfig;

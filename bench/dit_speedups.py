@@ -42,7 +42,7 @@ from PIL import Image
 from common.protocol import DiTJob, OriginalPrompt
 from common.sizes import ImageSize
 from common.stage_config import BlockCacheSettings, DiTEngineArgs
-from launch.tiny_model import build_tiny_model
+from model_presets.tiny_model import build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = 'a lighthouse, "GLM" painted on it'

@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 
 from common.sizes import ImageSize, token_layout
-from launch.tiny_model import build_tiny_model
-from launch.local_cluster import Cluster, write_stage_config
+from model_presets.tiny_model import build_tiny_model
+from harness.local_cluster import Cluster, write_stage_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,7 @@ import numpy as np
 from common.protocol import DiTJob, OriginalPrompt
 from common.sizes import ImageSize
 from common.stage_config import DiTEngineArgs
-from launch.tiny_model import build_tiny_model
+from model_presets.tiny_model import build_tiny_model
 from router.orchestrator import preview_steps
 from stage_dit.pipeline_runner import DiTPipelineRunner
 

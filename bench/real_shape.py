@@ -2,8 +2,8 @@
 
     .venv/bin/python -m bench.real_shape --size 1024x1024 --steps 2 [--engine vllm]
 
-Builds (or reuses) the real-shape model (`launch/tiny_model.py`, preset "real-shape", bfloat16),
-starts the router, one AR worker and one DiT worker as processes (`launch.local_cluster`), sends
+Builds (or reuses) the real-shape model (`model_presets/tiny_model.py`, preset "real-shape", bfloat16),
+starts the router, one AR worker and one DiT worker as processes (`harness.local_cluster`), sends
 one warm-up and then `--repeats` text-to-image requests, and prints, per request, the wall time and
 the router's AR/DiT split, and per process its peak resident set (VmHWM from /proc/<pid>/status,
 summed over the process and its children: vLLM runs its engine core in a child). Results go in
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import httpx
 
-from launch.local_cluster import Cluster, write_stage_config
-from launch.tiny_model import REAL_SHAPE, build_tiny_model
+from harness.local_cluster import Cluster, write_stage_config
+from model_presets.tiny_model import REAL_SHAPE, build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

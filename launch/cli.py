@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead: N worker keys per stage, named ar-0..ar-N-1 and dit-0..dit-N-1 (one per machine)")
     keygen.add_argument("--overwrite", action="store_true", help="replace existing key files (their workers then need the new keys)")
 
-    from launch import client
+    from client import generate as client
 
     gen = sub.add_parser("generate", help="client: text- or image-to-image through a running router, with progress",
                          epilog=client.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -202,14 +202,14 @@ def _resolve_device(arg: str | None, devices: str, engine: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "make-tiny-model":
-        from launch.tiny_model import build_tiny_model
+        from model_presets.tiny_model import build_tiny_model
 
         print(build_tiny_model(args.out, overwrite=args.overwrite, preset=args.preset))
         return
     if args.command == "keygen":
         sys.exit(_keygen(args))
     if args.command == "generate":
-        from launch.client import run
+        from client.generate import run
 
         sys.exit(run(args))
     if args.command == "launch":

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.local_cluster import Cluster
-from launch.tiny_model import build_tiny_model
+from harness.local_cluster import Cluster
+from model_presets.tiny_model import build_tiny_model
 
 # The shared assert helpers get pytest's detailed failure messages too (before any test imports them).
 pytest.register_assert_rewrite("tests.helpers")

@@ -1,7 +1,7 @@
 """Helpers shared by the tests: images to upload and to check, hostile bus frames, HTTP probes.
 
 The local cluster itself (and the `generate`/`image_bytes` client helpers) lives in
-`launch.local_cluster`; this module holds what only tests need.
+`harness.local_cluster`; this module holds what only tests need.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from common.protocol import PROTOCOL_VERSION
-from launch.local_cluster import Cluster, image_bytes, write_stage_config
+from harness.local_cluster import Cluster, image_bytes, write_stage_config
 
 # ---------------------------------------------------------------------------
 # Running clusters

@@ -25,7 +25,7 @@ from PIL import Image
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from launch.local_cluster import TINY_STAGE_CONFIG, Cluster, free_port, write_stage_config
+from harness.local_cluster import TINY_STAGE_CONFIG, Cluster, free_port, write_stage_config
 from tests.raw_http import exchange, request_head
 from tests.test_playground import browser, fill_form, javascript_errors, open_playground, wait_for_final_image  # noqa: F401
 

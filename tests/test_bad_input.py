@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from common.stage_config import load_stage_config
-from launch.local_cluster import TINY_STAGE_CONFIG, generate
+from harness.local_cluster import TINY_STAGE_CONFIG, generate
 from tests.helpers import assert_router_unhurt, chat, cluster_with, data_url, image_part, noise_png, png, png_claiming, response_image
 
 MAX_UPLOAD = 256 * 1024  # bytes per condition image on this cluster

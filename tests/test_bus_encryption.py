@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.local_cluster import ROOT, write_stage_config
+from harness.local_cluster import ROOT, write_stage_config
 from tests.netns_lab import NetworkLab, wait_until
 from tests.pcap_streams import tcp_streams
 

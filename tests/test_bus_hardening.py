@@ -34,7 +34,7 @@ from common.protocol import (
     encode,
 )
 from common.stage_config import load_stage_config
-from launch.local_cluster import Cluster, generate, write_stage_config
+from harness.local_cluster import Cluster, generate, write_stage_config
 from tests.helpers import BAD_VERSION, GARBAGE, cluster_with, header, metric, response_image
 
 MAX_MESSAGE_BYTES = 1 << 20

@@ -23,7 +23,7 @@ import pytest
 import zmq
 
 from common.bus_security import BusSecurityError, load_keypair, load_public_key, write_keys
-from launch.local_cluster import ROOT, Cluster, free_port, generate, write_stage_config
+from harness.local_cluster import ROOT, Cluster, free_port, generate, write_stage_config
 from tests.helpers import metric, response_image
 
 # Short bus timings: a refused worker retries its handshake every peer timeout.

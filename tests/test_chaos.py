@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from common.stage_config import load_stage_config
-from launch.local_cluster import Cluster, generate, image_bytes, write_stage_config
+from harness.local_cluster import Cluster, generate, image_bytes, write_stage_config
 from tests.helpers import cluster_with
 
 SEEDS = [101, 102, 103, 104, 105, 106]

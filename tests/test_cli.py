@@ -92,7 +92,7 @@ def _listening_addresses(port: int) -> set[str]:
 
 
 def test_worker_metrics_bind_loopback_unless_told_otherwise(tiny_model, tmp_path):
-    from launch.local_cluster import Cluster, free_port
+    from harness.local_cluster import Cluster, free_port
 
     port = free_port()
     with Cluster(model=tiny_model, workdir=tmp_path, num_ar=1, num_dit=0) as cluster:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.client import EXIT_REFUSED, EXIT_SERVER_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, add_arguments, build_call
-from launch.local_cluster import free_port
+from client.generate import EXIT_REFUSED, EXIT_SERVER_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, add_arguments, build_call
+from harness.local_cluster import free_port
 from tests.helpers import cluster_with, noise_png, open_image
 
 ROOT = Path(__file__).resolve().parent.parent

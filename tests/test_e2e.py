@@ -14,7 +14,7 @@ from diffusers import GlmImagePipeline
 
 from common.sizes import ImageSize, SizeLimits, nearest_valid_size
 from common.stage_config import load_stage_config
-from launch.local_cluster import generate
+from harness.local_cluster import generate
 from tests.helpers import b64_image, chat, data_url, image_part, noise_png, open_image
 
 STEPS = 2

@@ -10,7 +10,7 @@ import signal
 
 import httpx
 
-from launch.local_cluster import Cluster, image_bytes, write_stage_config
+from harness.local_cluster import Cluster, image_bytes, write_stage_config
 from tests.helpers import noise_png
 
 GREEDY = {"default_sampling_params": {"temperature": 0}}

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launch.local_cluster import Cluster, write_stage_config
+from harness.local_cluster import Cluster, write_stage_config
 from tests.raw_http import exchange, request_head
 
 GEN, EDIT, CHAT = "/v1/images/generations", "/v1/images/edits", "/v1/chat/completions"

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from launch.cli import build_parser
-from launch.local_cluster import TINY_STAGE_CONFIG, Cluster
+from harness.local_cluster import TINY_STAGE_CONFIG, Cluster
 from tests.k8s_render import K8S, OVERLAYS, ROOT, render_overlay
 
 KUBERNETES_VERSION = "1.32.0"  # the schema checked against (kubectl here is 1.32 too)

@@ -1,4 +1,4 @@
-"""The local-cluster harness (launch/local_cluster.py): a start that fails leaves no process behind."""
+"""The local-cluster harness (harness/local_cluster.py): a start that fails leaves no process behind."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from launch.local_cluster import Cluster, Proc
+from harness.local_cluster import Cluster, Proc
 
 
 def gone(proc: Proc) -> bool:

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from prometheus_client import generate_latest
 
-from launch.local_cluster import Cluster, generate
+from harness.local_cluster import Cluster, generate
 from launch.supervisor import SupervisorMetrics
 from tests.metrics_catalogue import Family, documented_families, exported_families
 

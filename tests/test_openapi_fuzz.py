@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, Phase, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from launch.local_cluster import TINY_STAGE_CONFIG
+from harness.local_cluster import TINY_STAGE_CONFIG
 from tests.helpers import assert_router_unhurt, cluster_with
 
 MAX_EXAMPLES = 150  # per operation (6 operations); valid bodies cost ~0.5 s each (a 503)

@@ -24,7 +24,7 @@ import httpx
 import pytest
 import yaml
 
-from launch.local_cluster import Cluster, free_port, generate, write_stage_config
+from harness.local_cluster import Cluster, free_port, generate, write_stage_config
 from tests.metrics_catalogue import (
     ALERTS,
     DASHBOARD,

@@ -1,4 +1,4 @@
-"""The released GLM-Image shapes on CPU: the real-shape preset (launch/tiny_model.py).
+"""The released GLM-Image shapes on CPU: the real-shape preset (model_presets/tiny_model.py).
 
 Same generator and `from_pretrained` path as the tiny model, with the released configuration
 (4096-wide GQA decoder with 32/2 heads, head_dim 128, partial rotary 0.5 and M-RoPE sections
@@ -26,8 +26,8 @@ from diffusers import GlmImagePipeline
 
 from common.sizes import ImageSize
 from common.stage_config import AREngineArgs
-from launch.local_cluster import Cluster, generate, write_stage_config
-from launch.tiny_model import REAL_SHAPE, build_tiny_model
+from harness.local_cluster import Cluster, generate, write_stage_config
+from model_presets.tiny_model import REAL_SHAPE, build_tiny_model
 from stage_ar.engine import ARGenerationRequest
 from tests.ar_parity import FLOAT32_TOLERANCE, TOP_K, compare, distinct_share, reference_logprobs
 from tests.helpers import b64_image, noise_png, open_image

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from launch.local_cluster import Cluster, generate
+from harness.local_cluster import Cluster, generate
 from tests.helpers import cluster_with, metric
 
 

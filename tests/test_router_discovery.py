@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from common.worker_runtime import RouterTarget, parse_router_targets
-from launch.local_cluster import ROOT, write_stage_config
+from harness.local_cluster import ROOT, write_stage_config
 
 NAME = "glm-router-bus"
 BUS_PORT, HTTP_PORT = 5570, 8000

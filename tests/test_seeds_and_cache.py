@@ -12,7 +12,7 @@ import base64
 import pytest
 from prometheus_client import CollectorRegistry
 
-from launch.local_cluster import generate, image_bytes
+from harness.local_cluster import generate, image_bytes
 from router.image_request import GeneratedImage
 from router.metrics import RouterMetrics
 from router.result_cache import ResultCache

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from launch.local_cluster import Cluster, write_stage_config
+from harness.local_cluster import Cluster, write_stage_config
 from tests.raw_http import connect, exchange, read_response, request_head
 
 HEADER_TIMEOUT_S = 2.0

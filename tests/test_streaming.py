@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from common.stage_config import load_stage_config
-from launch.local_cluster import generate
+from harness.local_cluster import generate
 from router.orchestrator import preview_steps
 from tests.helpers import cluster_with, metric, noise_png, open_image
 

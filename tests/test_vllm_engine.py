@@ -23,7 +23,7 @@ from common.stage_config import AREngineArgs
 from stage_ar.engine import ARGenerationRequest
 from tests.ar_parity import FLOAT32_TOLERANCE, TOP_K, compare, distinct_share, reference_logprobs
 
-# The tiny model's greedy 512x512 grid must vary with the position (launch/tiny_model.py
+# The tiny model's greedy 512x512 grid must vary with the position (model_presets/tiny_model.py
 # `_diversify_ar`), or a wrong decode position could leave the output unchanged.
 MIN_DISTINCT_IDS = 50
 MAX_ID_SHARE = 0.2

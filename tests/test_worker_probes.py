@@ -19,7 +19,7 @@ import pytest
 
 from common.metrics import MetricsServer, WorkerMetrics, WorkerProbes
 from common.worker_main import metrics_advertise_address, parse_advertise
-from launch.local_cluster import ROOT, TINY_STAGE_CONFIG, Cluster, free_port
+from harness.local_cluster import ROOT, TINY_STAGE_CONFIG, Cluster, free_port
 
 
 def _get(url: str) -> httpx.Response | None:

@@ -1,6 +1,6 @@
 """Start a local router and N stage workers as real processes, from Python.
 
-    from launch.local_cluster import Cluster, generate, image_bytes
+    from harness.local_cluster import Cluster, generate, image_bytes
 
     with Cluster(model=Path("models/tiny-glm-image"), workdir=Path("/tmp/run"), num_ar=1, num_dit=2) as cluster:
         png = image_bytes(generate(cluster.url, seed=1))[0]

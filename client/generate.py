@@ -26,6 +26,8 @@ from typing import Any, TextIO
 
 import httpx
 
+from common import defaults
+
 EXIT_OK = 0
 EXIT_LOCAL = 1  # something on this machine: an output file that cannot be written
 EXIT_USAGE = 2  # argparse's own status for bad flags; also bad local inputs
@@ -72,8 +74,8 @@ class ClientError(Exception):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `generate` flags, vLLM-Omni's example client's names and short forms included."""
-    p.add_argument("--url", "--server", "-s", dest="url", metavar="URL", default=os.environ.get("GLM_URL", "http://127.0.0.1:8000"),
-                   help="router URL (default: $GLM_URL, else http://127.0.0.1:8000)")
+    p.add_argument("--url", "--server", "-s", dest="url", metavar="URL", default=os.environ.get("GLM_URL", defaults.ROUTER_URL),
+                   help=f"router URL (default: $GLM_URL, else {defaults.ROUTER_URL})")
     p.add_argument("--prompt", "-p", required=True, metavar="TEXT", help="text prompt; quoted text in it is rendered as glyphs")
     p.add_argument("--out", "--output", "-o", dest="out", default=".", metavar="PATH",
                    help="output file (.png, .jpg, .webp) or folder (default: the current folder); see below")

@@ -19,6 +19,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from common import defaults
 from common.protocol import ErrorCode
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class WorkerMetrics:
     def job_finished(self, outcome: str) -> None:
         self.jobs.labels(outcome=outcome, **self._labels).inc()
 
-    def serve(self, port: int, host: str = "127.0.0.1", probes: "WorkerProbes | None" = None) -> "MetricsServer":
+    def serve(self, port: int, host: str = defaults.LOCAL_HOST, probes: "WorkerProbes | None" = None) -> "MetricsServer":
         """Serve /metrics (and /health, /ready from `probes`) on host:port; the caller closes it."""
         return MetricsServer(self.registry, probes or WorkerProbes(), host, port)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlsplit
 
+from common import defaults
 from common.bus_security import WorkerCurve
 from common.metrics import MetricsServer, WorkerMetrics, WorkerProbes
 from common.protocol import Stage, WorkerInfo
@@ -34,10 +35,10 @@ class WorkerOptions:
     worker_id: str | None = None
     device: str = "cpu"
     metrics_port: int | None = None
-    metrics_host: str = "127.0.0.1"  # the metrics port is this machine's only unless asked otherwise
+    metrics_host: str = defaults.LOCAL_HOST  # the metrics port is this machine's only unless asked otherwise
     # "host:port" announced to the routers as where to scrape this worker; None: derived (metrics_advertise_address).
     metrics_advertise: str | None = None
-    drain_grace_s: float = 30.0
+    drain_grace_s: float = defaults.SHUTDOWN_GRACE_S
     curve: WorkerCurve | None = None  # CURVE keys for the bus; None: plaintext
 
 
@@ -80,7 +81,7 @@ def metrics_advertise_address(metrics_host: str, metrics_port: int, routers: lis
         if target.hostname is None:
             continue
         try:
-            family, _, _, _, sockaddr = socket.getaddrinfo(target.hostname, target.port or 5570, type=socket.SOCK_DGRAM)[0]
+            family, _, _, _, sockaddr = socket.getaddrinfo(target.hostname, target.port or defaults.BUS_PORT, type=socket.SOCK_DGRAM)[0]
             with socket.socket(family, socket.SOCK_DGRAM) as probe:
                 probe.connect(sockaddr)
                 return _join_host_port(probe.getsockname()[0], metrics_port)

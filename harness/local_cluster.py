@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import base64
 import os
+import random
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +29,38 @@ from pathlib import Path
 import httpx
 import yaml
 
+from launch.supervisor import SUPERVISOR_PID_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY_STAGE_CONFIG = ROOT / "stage_configs" / "glm_image_tiny_cpu.yaml"
 
 
+# Ports handed out below Linux's ephemeral range (32768-60999 by default), so that no outgoing
+# connection can take a port between `free_port()` and the server binding it; each parallel test
+# runner (pytest-xdist's PYTEST_XDIST_WORKER=gwN) draws from its own slice.
+PORT_RANGE = (10000, 32000)
+PORT_SLICES = 8
+
+
+def _port_slice() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) % PORT_SLICES if worker[2:].isdigit() else 0
+    width = (PORT_RANGE[1] - PORT_RANGE[0]) // PORT_SLICES
+    return range(PORT_RANGE[0] + index * width, PORT_RANGE[0] + (index + 1) * width)
+
+
 def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port that is free on 127.0.0.1 right now, from this test runner's slice of the port range."""
+    ports = _port_slice()
+    for _ in range(200):
+        port = random.choice(ports)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1} after 200 tries")
 
 
 def write_stage_config(directory: Path, overrides: dict | None = None, name: str = "stage.yaml",
@@ -128,6 +153,11 @@ class Cluster:
 
     def _spawn(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> Proc:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "GLM_SERVE_LOG_LEVEL": "INFO", **self.env, **(extra_env or {})}
+        # The process asks the kernel for a SIGTERM when this one dies (launch/cli.py:
+        # die_with_supervisor), so a test run that is killed leaves nothing behind. Linux sends it
+        # when the spawning *thread* ends, hence only from the main thread.
+        if threading.current_thread() is threading.main_thread():
+            env[SUPERVISOR_PID_ENV] = str(os.getpid())
         log_path = self.workdir / f"{name}.log"
         with open(log_path, "ab") as log:
             # A session of its own, so that signals reach the process and any children it spawns.

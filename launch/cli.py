@@ -13,11 +13,42 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
+
+from common import defaults
 
 DEFAULT_STAGE_CONFIG = Path(__file__).resolve().parent.parent / "stage_configs" / "glm_image.yaml"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its two commonest errors saying what to fix: `unknown option --xyz` (named by the
+    subcommand it was given to) rather than `unrecognized arguments`, and `option --port needs a value`
+    rather than `expected one argument`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.subcommands: dict[str, argparse.ArgumentParser] = {}
+
+    def parse_args(self, args=None, namespace=None):
+        """argparse's, with leftover arguments reported by the subcommand that did not know them."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # The subcommand's parser, so the usage shown is that subcommand's.
+            parser = self.subcommands.get(getattr(parsed, "command", None), self)
+            unknown = next((a for a in extras if a.startswith("-")), None)
+            parser.error(f"unknown option {unknown.split('=', 1)[0]} (--help lists the options)" if unknown
+                         else f"unexpected argument {extras[0]!r} (--help lists the options)")
+        return parsed
+
+    def error(self, message: str) -> NoReturn:
+        missing = re.fullmatch(r"argument (-[^:\s]+): expected one argument", message)
+        if missing:
+            message = f"option {missing.group(1)} needs a value (--help lists the options)"
+        super().error(message)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -57,7 +88,7 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-id", help="unique id on the bus (default: STAGE-HOST-PID-RANDOM, new for every process: a restarted "
                                         "container has the same host name and PID)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics for this worker on this port")
-    p.add_argument("--metrics-host", default="127.0.0.1",
+    p.add_argument("--metrics-host", default=defaults.LOCAL_HOST,
                    help="address the metrics port binds (default: %(default)s, this machine only; 0.0.0.0 for a "
                         "Prometheus on another host)")
     p.add_argument("--metrics-advertise", metavar="HOST[:PORT]", default=os.environ.get("GLM_METRICS_ADVERTISE"),
@@ -65,7 +96,7 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
                         "PORT defaults to --metrics-port (env GLM_METRICS_ADVERTISE; default: --metrics-host when it is "
                         "a concrete address, else the local address the OS uses towards the first --router; "
                         "in Kubernetes $(POD_IP):9100)")
-    p.add_argument("--drain-grace", type=float, default=30.0, help="seconds SIGTERM waits for in-flight jobs (default: %(default)s)")
+    p.add_argument("--drain-grace", type=float, default=defaults.SHUTDOWN_GRACE_S, help="seconds SIGTERM waits for in-flight jobs (default: %(default)s)")
 
 
 def _add_api_keys(p: argparse.ArgumentParser) -> None:
@@ -97,37 +128,42 @@ def _api_key_config(args):
 def _add_launch(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     p.add_argument("--model", required=True, help="GLM-Image folder in the diffusers layout, given to every worker")
-    p.add_argument("--model-name", default="zai-org/GLM-Image", help="model name reported by /v1/models (default: %(default)s)")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP listen address (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
-    p.add_argument("--bus-port", type=int, default=5570, help="ZeroMQ bus port the workers connect to (default: %(default)s)")
+    p.add_argument("--model-name", default=defaults.MODEL_NAME, help="model name reported by /v1/models (default: %(default)s)")
+    p.add_argument("--host", default=defaults.LOCAL_HOST, help="HTTP listen address (default: %(default)s)")
+    p.add_argument("--port", type=int, default=defaults.HTTP_PORT, help="HTTP port (default: %(default)s)")
+    p.add_argument("--bus-port", type=int, default=defaults.BUS_PORT, help="ZeroMQ bus port the workers connect to (default: %(default)s)")
     p.add_argument("--bus-host", help="address the bus binds (default: the HTTP --host; 0.0.0.0 binds every interface)")
     p.add_argument("--curve-keys", metavar="DIR", default=_env_path("GLM_CURVE_KEYS"),
                    help="encrypt and authenticate the bus with CurveZMQ, using a `glm-image-serve keygen --out DIR` folder: "
                         "the router gets router.key_secret and allowed_workers/, AR workers workers/ar.key_secret, DiT "
                         "workers workers/dit.key_secret [env GLM_CURVE_KEYS] (default: no CURVE)")
-    p.add_argument("--num-ar", type=int, default=1, help="AR workers (default: %(default)s)")
-    p.add_argument("--num-dit", type=int, default=1, help="DiT workers (default: %(default)s)")
+    p.add_argument("--num-ar", type=int, default=defaults.NUM_AR, help="AR workers (default: %(default)s)")
+    p.add_argument("--num-dit", type=int, default=defaults.NUM_DIT, help="DiT workers (default: %(default)s)")
     p.add_argument("--ar-devices", default="", help="comma list of devices, AR worker i takes item i mod len (default: the stage config's)")
     p.add_argument("--dit-devices", default="", help="the same for DiT workers")
     p.add_argument("--metrics-port", type=int, help="first worker Prometheus port: worker k (AR first, then DiT) gets N+k")
     p.add_argument("--supervisor-metrics-port", type=int,
                    help="serve the supervisor's own Prometheus metrics (restarts, running processes) on --host:N")
-    p.add_argument("--log-dir", help="one log file per process here (default: a new temporary folder); every line is also relayed to stderr")
-    p.add_argument("--max-restarts", type=int, default=5,
+    p.add_argument("--log-dir", help="one log file per process in this folder, never removed (default: a new temporary folder, "
+                                     "removed when the launch ends cleanly, kept and its path printed on stderr when it "
+                                     "fails or a process crash-looped); every line is also relayed to stderr")
+    p.add_argument("--max-restarts", type=int, default=defaults.MAX_RESTARTS,
                    help="restarts allowed per process within --restart-window; one more exit is a crash loop and the process is left down (default: %(default)s)")
-    p.add_argument("--restart-window", type=float, default=60.0, help="seconds over which exits are counted (default: %(default)s)")
-    p.add_argument("--backoff-initial", type=float, default=1.0, help="seconds before the first restart; doubles per recent exit (default: %(default)s)")
-    p.add_argument("--backoff-max", type=float, default=30.0, help="longest wait before a restart (default: %(default)s)")
-    p.add_argument("--ready-timeout", type=float, default=600.0,
+    p.add_argument("--restart-window", type=float, default=defaults.RESTART_WINDOW_S, help="seconds over which exits are counted (default: %(default)s)")
+    p.add_argument("--backoff-initial", type=float, default=defaults.BACKOFF_INITIAL_S, help="seconds before the first restart; doubles per recent exit (default: %(default)s)")
+    p.add_argument("--backoff-max", type=float, default=defaults.BACKOFF_MAX_S, help="longest wait before a restart (default: %(default)s)")
+    p.add_argument("--ready-timeout", type=float, default=defaults.READY_TIMEOUT_S,
                    help="seconds for every worker to load and register before the launch fails (default: %(default)s)")
-    p.add_argument("--shutdown-grace", type=float, default=30.0,
+    p.add_argument("--shutdown-grace", type=float, default=defaults.SHUTDOWN_GRACE_S,
                    help="on Ctrl-C/SIGTERM: seconds the router gets to finish in-flight requests, then the workers to drain (default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the command line of every process it would start (after checking the options and the "
+                        "stage config), then exit without starting any")
     _add_api_keys(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glm-image-serve", description="Disaggregated GLM-Image serving.")
+    parser = _Parser(prog="glm-image-serve", description="Disaggregated GLM-Image serving.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     launch = sub.add_parser("launch", help="run a router and N AR + M DiT workers on this machine, supervised: "
@@ -136,11 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("router", help="HTTP router (OpenAI-compatible API) that binds the worker bus")
     _add_common(r)
-    r.add_argument("--host", default="0.0.0.0", help="HTTP listen address (default: %(default)s)")
-    r.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
-    r.add_argument("--bus-bind", default="tcp://*:5570", help="ZeroMQ address workers connect to (default: %(default)s)")
-    r.add_argument("--model-name", default="zai-org/GLM-Image", help="model name reported by /v1/models (default: %(default)s)")
-    r.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds SIGTERM waits for in-flight HTTP requests")
+    r.add_argument("--host", default=defaults.ROUTER_HOST, help="HTTP listen address (default: %(default)s)")
+    r.add_argument("--port", type=int, default=defaults.HTTP_PORT, help="HTTP port (default: %(default)s)")
+    r.add_argument("--bus-bind", default=defaults.ROUTER_BUS_BIND, help="ZeroMQ address workers connect to (default: %(default)s)")
+    r.add_argument("--model-name", default=defaults.MODEL_NAME, help="model name reported by /v1/models (default: %(default)s)")
+    r.add_argument("--shutdown-grace", type=float, default=defaults.SHUTDOWN_GRACE_S,
+                   help="seconds SIGTERM waits for in-flight HTTP requests (default: %(default)s)")
     r.add_argument("--curve-secret-key", metavar="FILE", default=_env_path("GLM_CURVE_SECRET_KEY"),
                    help="CurveZMQ: the router's key file (router.key_secret from `glm-image-serve keygen`) "
                         "[env GLM_CURVE_SECRET_KEY]; needs --curve-allow-dir. Without both the bus is plaintext")
@@ -176,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="client: text- or image-to-image through a running router, with progress",
                          epilog=client.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     client.add_arguments(gen)
+    parser.subcommands = dict(sub.choices)
     return parser
 
 
@@ -352,17 +390,22 @@ def _launch(args) -> int:
         deployment = plan_deployment(options)
     except (StageConfigError, ValueError) as exc:
         sys.exit(f"error: {exc}")
+    if args.dry_run:
+        _print_plan(deployment)
+        return 0
+    temporary_logs = not args.log_dir
     log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="glm-image-serve-logs-"))
     supervisor_options = SupervisorOptions(
         policy=policy,
         log_dir=log_dir,
         ready_timeout_s=args.ready_timeout,
-        router_stop_grace_s=args.shutdown_grace + 5,
-        worker_stop_grace_s=args.shutdown_grace + 5,
+        router_stop_grace_s=args.shutdown_grace + defaults.STOP_MARGIN_S,
+        worker_stop_grace_s=args.shutdown_grace + defaults.STOP_MARGIN_S,
         metrics_host=args.host,
         metrics_port=args.supervisor_metrics_port,
     )
-    banner = _ready_banner(args, options, deployment, config, log_dir)
+    banner = _ready_banner(args, options, deployment, config, log_dir, temporary_logs)
+    left_down: list[str] = []
 
     async def supervise() -> int:
         readiness = RouterReadiness(deployment.url, deployment.expected_workers)
@@ -374,9 +417,39 @@ def _launch(args) -> int:
         try:
             return await supervisor.run()
         finally:
+            left_down.extend(supervisor.left_down)
             await readiness.aclose()
 
-    return asyncio.run(supervise())
+    status = 1
+    try:
+        status = asyncio.run(supervise())
+    finally:
+        if temporary_logs:
+            _settle_temporary_logs(log_dir, clean=status == 0 and not left_down)
+    return status
+
+
+def _settle_temporary_logs(log_dir: Path, clean: bool) -> None:
+    """The default log folder, made for this launch: removed after a clean end, so launches do not
+    pile folders up in /tmp; kept for the post-mortem after a failure or a crash loop, and said where.
+    (An explicit --log-dir is the user's and is never removed.)"""
+    import shutil
+
+    if clean:
+        shutil.rmtree(log_dir, ignore_errors=True)
+        return
+    print(f"logs kept in {log_dir} (a temporary folder: remove it when done; --log-dir DIR chooses the folder)",
+          file=sys.stderr, flush=True)
+
+
+def _print_plan(deployment) -> None:
+    """`launch --dry-run`: each process's command line as the supervisor would start it, one per line."""
+    import shlex
+
+    for spec in deployment.processes:
+        # Names only: these variables carry secrets (API keys), which is why they are not arguments.
+        env = "".join(f"{name}=... " for name, _ in spec.env)
+        print(f"{spec.name}: {env}{shlex.join(spec.argv)}")
 
 
 def _launch_api_keys(args) -> dict:
@@ -392,7 +465,7 @@ def _split(devices: str) -> tuple[str, ...]:
     return tuple(d.strip() for d in devices.split(",") if d.strip())
 
 
-def _ready_banner(args, options, deployment, config, log_dir: Path) -> str:
+def _ready_banner(args, options, deployment, config, log_dir: Path, temporary_logs: bool = False) -> str:
     """What the launcher prints once everything is ready: how to use, watch, extend and stop it."""
     import socket
     from urllib.parse import urlsplit
@@ -439,7 +512,8 @@ def _ready_banner(args, options, deployment, config, log_dir: Path) -> str:
         f"    -d '{curl_body}' \\",
         "    | jq -r '.data[0].b64_json' | base64 -d > out.png",
         f"Metrics: {metrics}",
-        f"Logs: {log_dir} (one file per process; every line is also shown here, prefixed with its process name)",
+        f"Logs: {log_dir} (one file per process; every line is also shown here, prefixed with its process name"
+        + ("; a temporary folder, removed when the launch ends cleanly)" if temporary_logs else ")"),
         "A worker on another machine joins with (the same stage config, or the router refuses it):",
         *joins,
     ]) + reach + "\nStop: Ctrl-C (requests in flight finish, workers drain); a process that dies is restarted"

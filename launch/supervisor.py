@@ -50,6 +50,8 @@ from typing import Awaitable, Callable, Literal, Mapping, TextIO
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from common import defaults
+
 logger = logging.getLogger(__name__)
 
 # Set in every child's environment to the supervisor's pid; see launch.cli.die_with_supervisor.
@@ -62,10 +64,10 @@ Role = Literal["router", "ar", "dit"]
 class RestartPolicy:
     """When to restart a process that exited, and when to stop trying."""
 
-    max_restarts: int = 5  # restarts allowed within `window_s`; one more exit is a crash loop
-    window_s: float = 60.0
-    backoff_initial_s: float = 1.0  # wait before the first restart; doubles per recent exit
-    backoff_max_s: float = 30.0
+    max_restarts: int = defaults.MAX_RESTARTS  # restarts allowed within `window_s`; one more exit is a crash loop
+    window_s: float = defaults.RESTART_WINDOW_S
+    backoff_initial_s: float = defaults.BACKOFF_INITIAL_S  # wait before the first restart; doubles per recent exit
+    backoff_max_s: float = defaults.BACKOFF_MAX_S
 
     def __post_init__(self) -> None:
         if self.max_restarts < 0 or self.window_s <= 0 or self.backoff_initial_s < 0 or self.backoff_max_s < self.backoff_initial_s:
@@ -118,17 +120,17 @@ class LaunchOptions:
 
     model: str
     stage_config: str
-    model_name: str = "zai-org/GLM-Image"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    bus_port: int = 5570
+    model_name: str = defaults.MODEL_NAME
+    host: str = defaults.LOCAL_HOST
+    port: int = defaults.HTTP_PORT
+    bus_port: int = defaults.BUS_PORT
     bus_host: str | None = None  # default: the HTTP host
-    num_ar: int = 1
-    num_dit: int = 1
+    num_ar: int = defaults.NUM_AR
+    num_dit: int = defaults.NUM_DIT
     ar_devices: tuple[str, ...] = ()  # worker i takes item i mod len; empty: the stage config's
     dit_devices: tuple[str, ...] = ()
     worker_metrics_port: int | None = None  # worker k (AR first, then DiT) gets this + k
-    shutdown_grace_s: float = 30.0  # the router's --shutdown-grace and the workers' --drain-grace
+    shutdown_grace_s: float = defaults.SHUTDOWN_GRACE_S  # the router's --shutdown-grace and the workers' --drain-grace
     curve_keys: str | None = None  # a `glm-image-serve keygen` folder: CURVE on the bus; None: plaintext
     api_keys: tuple[str, ...] = ()  # the router's API keys (its environment, not its argv)
     api_key_file: str | None = None  # a key file the router reads (and re-reads when it changes)
@@ -404,14 +406,14 @@ class RouterReadiness:
 class SupervisorOptions:
     log_dir: Path  # one log file per process
     policy: RestartPolicy = field(default_factory=RestartPolicy)
-    ready_timeout_s: float = 600.0
+    ready_timeout_s: float = defaults.READY_TIMEOUT_S
     ready_poll_s: float = 0.25
     # How long the router may take to finish in-flight requests, then the workers to drain,
     # before SIGKILL; each phase gets its own.
-    router_stop_grace_s: float = 35.0
-    worker_stop_grace_s: float = 35.0
+    router_stop_grace_s: float = defaults.SHUTDOWN_GRACE_S + defaults.STOP_MARGIN_S
+    worker_stop_grace_s: float = defaults.SHUTDOWN_GRACE_S + defaults.STOP_MARGIN_S
     tail_lines: int = 40
-    metrics_host: str = "127.0.0.1"
+    metrics_host: str = defaults.LOCAL_HOST
     metrics_port: int | None = None
 
 
@@ -446,6 +448,7 @@ class Supervisor:
         self._handle_signals = handle_signals
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1", SUPERVISOR_PID_ENV: str(os.getpid())}
         self.ready = False
+        self.left_down: list[str] = []  # the processes given up on after a crash loop, in that order
         self._stopping = False
         self._failure: str | None = None
         # Set when the supervisor must act: a stop was requested or a fatal failure happened.
@@ -552,6 +555,7 @@ class Supervisor:
             policy = self.options.policy
             if not decision.restart:
                 self.metrics.gave_up.labels(process=proc.name).set(1)
+                self.left_down.append(proc.name)
                 message = (
                     f"{proc.name} (pid {proc.pid}) exited with {status}, its exit {decision.recent_exits} within "
                     f"{policy.window_s:.0f}s (max restarts: {policy.max_restarts}): crash loop, not restarting it; "

@@ -30,6 +30,7 @@ could not change it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -442,13 +443,23 @@ def build_tiny_model(out_dir: str | Path, overwrite: bool = False, preset: str =
     A complete build by this generator version is reused unless `overwrite`; anything else in
     `out_dir` (an older build, another preset) is replaced. The folder appears atomically.
     """
-    import torch
-    from diffusers import GlmImagePipeline
-
     spec = PRESETS[preset]
     out = Path(out_dir)
     if not overwrite and is_built(out, preset):
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # One builder at a time (parallel test runners, two launchers): the others wait, then reuse its build.
+    with open(out.with_name(f"{out.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not overwrite and is_built(out, preset):
+            return out
+        return _build(out, spec)
+
+
+def _build(out: Path, spec: Preset) -> Path:
+    import torch
+    from diffusers import GlmImagePipeline
+
     torch.manual_seed(BUILD_SEED)
     processor = _build_processor(spec)
     ar = _build_ar(processor, spec)

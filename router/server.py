@@ -11,6 +11,7 @@ import signal
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from common import defaults
 from common.bus_security import RouterCurve
 from common.stage_config import StageConfig
 from router.app import create_app
@@ -40,7 +41,7 @@ async def serve_router(
     host: str,
     port: int,
     bus_bind: str,
-    shutdown_grace_s: float = 30.0,
+    shutdown_grace_s: float = defaults.SHUTDOWN_GRACE_S,
     curve: RouterCurve | None = None,
     api_keys: ApiKeyConfig | None = None,
 ) -> None:

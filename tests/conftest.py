@@ -1,8 +1,23 @@
-"""Shared fixtures: the tiny model (built once per session) and a running cluster per module."""
+"""Shared fixtures (the tiny model, one healthy cluster per test process), the tiers and the parallel layout.
+
+Tiers: a test marked `slow` belongs to the full tier only; `./tests/run_tests.sh --quick` runs
+`-m "not slow"` (README, "Tests", says what each tier proves).
+
+Parallel runs (pytest-xdist, `--dist loadgroup`): every module is one group, so its module-scoped
+fixtures (a cluster, a vLLM engine) start once, in one worker. Modules that share machine-wide
+state (network namespaces, /etc/netns, the 198.18.0.0/15 addresses) form one group so they never
+run at the same time; so do the ones that each hold several GiB of model weights. Groups start
+heaviest first (GROUP_COST), so both workers finish at about the same time.
+
+Interrupting the run (Ctrl-C, SIGTERM) tears the fixtures down, so every cluster stops; the
+processes a cluster starts also get SIGTERM from the kernel if this process dies without teardown
+(harness/local_cluster.py).
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,6 +30,54 @@ pytest.register_assert_rewrite("tests.helpers")
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Modules that must not run beside each other, by group name.
+SHARED_GROUPS = {
+    # Network namespaces, a bridge on 198.18.0.0/15 and /etc/netns/NAME/hosts.
+    "netns": ("test_k8s_cluster", "test_bus_encryption", "test_bus_hardening", "test_router_discovery"),
+    # vLLM engines and the real-shape model: each holds several GiB of RAM.
+    "big-models": ("test_real_shape", "test_vllm_engine", "test_engines_e2e"),
+}
+GROUP_OF_MODULE = {module: group for group, modules in SHARED_GROUPS.items() for module in modules}
+
+# Rough seconds each group takes on 2 busy cores (`--durations`): the order groups are handed to
+# workers, heaviest first. A group missing here runs after these (its cost is taken as 0).
+GROUP_COST = {
+    "big-models": 330,
+    "netns": 170,
+    "test_launcher": 120,
+    "test_k8s_manifests": 70,
+    "test_chaos": 60,
+    "test_client": 60,
+    "test_streaming": 55,
+    "test_e2e": 50,
+    "test_prometheus": 45,
+    "test_playground": 40,
+}
+
+
+def _group(item: pytest.Item) -> str:
+    module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid
+    return GROUP_OF_MODULE.get(module, module)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Give every test its xdist group and order the groups heaviest first (stable within a group)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(_group(item)))
+    position = {id(item): index for index, item in enumerate(items)}
+    items.sort(key=lambda item: (-GROUP_COST.get(_group(item), 0), _group(item), position[id(item)]))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # SIGTERM (a CI timeout, `kill`) ends the run like Ctrl-C: pytest then tears the fixtures down,
+    # and with them every cluster they started.
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
@@ -23,8 +86,9 @@ def tiny_model() -> Path:
     return build_tiny_model(path)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster(tiny_model, tmp_path_factory):
-    """Router + 1 AR + 1 DiT worker on the tiny model, shared by a test module."""
+    """Router + 1 AR + 1 DiT worker on the tiny model, shared by every module of this test process
+    that needs only a healthy cluster: tests using it must not stop, kill or reconfigure it."""
     with Cluster(model=tiny_model, workdir=tmp_path_factory.mktemp("cluster")) as c:
         yield c

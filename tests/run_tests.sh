@@ -1,11 +1,32 @@
 #!/usr/bin/env bash
-# The test command: install the system packages the tests need (Chromium for the playground
-# test), set up (or refresh) the virtual environment from the project's files, then run the
-# whole suite. Extra arguments go to pytest (e.g. tests/test_e2e.py -x).
+# The test command: install the system packages the tests need, set up (or refresh) the virtual
+# environment from the project's files, then run the suite on two processes (pytest-xdist) and
+# print the 25 slowest tests.
+#   ./tests/run_tests.sh              the whole suite (full tier)
+#   ./tests/run_tests.sh --quick      the quick tier: every test not marked `slow`
+#   ./tests/run_tests.sh ARGS...      ARGS go to pytest, e.g. tests/test_e2e.py -x, or -n 0 to run serially
+# GLM_TEST_WORKERS sets the number of pytest processes (default 2).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$ROOT/tests/setup_system_packages.sh"
 "$ROOT/launch/setup_env.sh"
 VENV=${GLM_SERVE_VENV:-$ROOT/.venv}
 cd "$ROOT"
-exec "$VENV/bin/python" -m pytest "${@:-tests}"
+
+tier=()
+args=()
+for arg in "$@"; do
+  case "$arg" in
+    --quick) tier=(-m "not slow") ;;
+    *) args+=("$arg") ;;
+  esac
+done
+# No path among the arguments: the whole tests/ folder.
+paths=(tests)
+for arg in "${args[@]+"${args[@]}"}"; do
+  case "$arg" in
+    tests|tests/*) paths=() ;;
+  esac
+done
+exec "$VENV/bin/python" -m pytest -n "${GLM_TEST_WORKERS:-2}" --dist loadgroup --durations 25 \
+  "${tier[@]+"${tier[@]}"}" "${paths[@]+"${paths[@]}"}" "${args[@]+"${args[@]}"}"

@@ -6,6 +6,8 @@ one process on the same weights with the same seed and size.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import numpy as np
 import pytest
@@ -15,16 +17,17 @@ from diffusers import GlmImagePipeline
 from common.sizes import ImageSize, SizeLimits, nearest_valid_size
 from common.stage_config import load_stage_config
 from harness.local_cluster import generate
-from tests.helpers import b64_image, chat, data_url, image_part, noise_png, open_image
+from tests.helpers import b64_image, chat, cluster_with, data_url, image_part, noise_png, open_image
 
+ROOT = Path(__file__).resolve().parent.parent
 STEPS = 2
 TIMEOUT = httpx.Timeout(300.0)
 PROMPT = 'a lighthouse, "GLM" painted on it'
 
 
-def _generate(cluster, seed: int, size: str | None = None, **body) -> dict:
+def _generate(cluster, seed: int, size: str | None = None, steps: int = STEPS, **body) -> dict:
     """A generation at `size` (None: the router's default) that must succeed; its JSON."""
-    response = generate(cluster.url, seed, prompt=PROMPT, size=size, steps=STEPS, timeout=TIMEOUT, **body)
+    response = generate(cluster.url, seed, prompt=PROMPT, size=size, steps=steps, timeout=TIMEOUT, **body)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -42,7 +45,9 @@ def reference_pipeline(tiny_model, cluster):
     torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("size", ["512x512", "1024x512", "512x1024", "768x1344", "1024x1024"])
+# The large sizes cost 10-15 s each on the tiny model: full tier.
+@pytest.mark.parametrize("size", ["512x512", "1024x512", "512x1024", pytest.param("768x1344", marks=pytest.mark.slow),
+                                  pytest.param("1024x1024", marks=pytest.mark.slow)])
 def test_text_to_image_at_each_size_reaches_every_stage(cluster, size):
     width, height = map(int, size.split("x"))
     data = _generate(cluster, size=size, seed=11)
@@ -56,6 +61,7 @@ def test_text_to_image_at_each_size_reaches_every_stage(cluster, size):
 
 def test_default_size_is_propagated_like_an_explicit_one(cluster):
     default = load_stage_config(cluster.stage_config).limits.default_size
+    assert default != "1024x1024"  # not the pipeline's own default: a stage that ignored the size would show
     width, height = map(int, default.split("x"))
     data = _generate(cluster, seed=3)
     assert data["size"] == default
@@ -63,29 +69,71 @@ def test_default_size_is_propagated_like_an_explicit_one(cluster):
     assert b64_image(data["data"][0]["b64_json"]).size == (width, height)
 
 
+@pytest.mark.slow
+def test_the_released_default_size_reaches_every_stage(tiny_model, tmp_path_factory):
+    """The tiny config defaults to a small size to keep the suite fast; the released configs'
+    default (1024x1024) is propagated all the same, once, by a cluster that uses it."""
+    released = load_stage_config(ROOT / "stage_configs" / "glm_image.yaml").limits.default_size
+    assert released == "1024x1024"
+    with cluster_with(tiny_model, tmp_path_factory, "released-default", {"limits": {"default_size": released}}) as c:
+        data = _generate(c, seed=3, steps=1)
+    width, height = map(int, released.split("x"))
+    assert data["size"] == released
+    assert data["stage_sizes"][0] == {"ar": [height, width], "dit": [height, width]}
+    assert b64_image(data["data"][0]["b64_json"]).size == (width, height)
+
+
+def _assert_served_equals_pipeline(cluster, pipe: GlmImagePipeline, size: tuple[int, int], cond: list[bytes]) -> None:
+    w, h = size
+    expected = pipe(
+        prompt=PROMPT,
+        image=[open_image(c).convert("RGB") for c in cond] or None,
+        height=h,
+        width=w,
+        num_inference_steps=STEPS,
+        guidance_scale=1.5,
+        generator=torch.Generator().manual_seed(21),
+    ).images[0]
+    if cond:
+        files = [("image", ("c.png", c, "image/png")) for c in cond]
+        form = {"prompt": PROMPT, "size": f"{w}x{h}", "seed": "21", "num_inference_steps": str(STEPS)}
+        response = httpx.post(f"{cluster.url}/v1/images/edits", data=form, files=files, timeout=TIMEOUT)
+        assert response.status_code == 200, response.text
+        got = b64_image(response.json()["data"][0]["b64_json"])
+    else:
+        got = b64_image(_generate(cluster, size=f"{w}x{h}", seed=21)["data"][0]["b64_json"])
+    assert got.size == expected.size
+    np.testing.assert_array_equal(np.asarray(got.convert("RGB")), np.asarray(expected.convert("RGB")))
+
+
+ORACLE_CASES = [((512, 256), []), ((256, 256), [noise_png(320, 256, seed=1)])]
+
+
 def test_matches_glm_image_pipeline_in_one_process(cluster, reference_pipeline):
     """The oracle, for text-to-image and image-to-image."""
-    for size, cond in [((512, 256), []), ((256, 256), [noise_png(320, 256, seed=1)])]:
-        w, h = size
-        expected = reference_pipeline(
-            prompt=PROMPT,
-            image=[open_image(c).convert("RGB") for c in cond] or None,
-            height=h,
-            width=w,
-            num_inference_steps=STEPS,
-            guidance_scale=1.5,
-            generator=torch.Generator().manual_seed(21),
-        ).images[0]
-        if cond:
-            files = [("image", ("c.png", c, "image/png")) for c in cond]
-            form = {"prompt": PROMPT, "size": f"{w}x{h}", "seed": "21", "num_inference_steps": str(STEPS)}
-            response = httpx.post(f"{cluster.url}/v1/images/edits", data=form, files=files, timeout=TIMEOUT)
-            assert response.status_code == 200, response.text
-            got = b64_image(response.json()["data"][0]["b64_json"])
-        else:
-            got = b64_image(_generate(cluster, size=f"{w}x{h}", seed=21)["data"][0]["b64_json"])
-        assert got.size == expected.size
-        np.testing.assert_array_equal(np.asarray(got.convert("RGB")), np.asarray(expected.convert("RGB")))
+    for size, cond in ORACLE_CASES:
+        _assert_served_equals_pipeline(cluster, reference_pipeline, size, cond)
+
+
+BFLOAT16 = {"stage_args": [{"engine_args": {"dtype": "bfloat16"}}, {"engine_args": {"dtype": "bfloat16"}}]}
+
+
+@pytest.mark.slow
+def test_bfloat16_serving_matches_glm_image_pipeline_in_bfloat16(tiny_model, tmp_path_factory):
+    """The oracle with both workers in bfloat16, as the GPU configs serve (here on the tiny
+    model: tests/test_real_shape.py explains why not at the released shapes on CPU)."""
+    with cluster_with(tiny_model, tmp_path_factory, "bfloat16", BFLOAT16) as c:
+        threads = int(c.env.get("OMP_NUM_THREADS", torch.get_num_threads()))
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            pipe = GlmImagePipeline.from_pretrained(str(tiny_model), dtype=torch.bfloat16)
+            pipe.set_progress_bar_config(disable=True)
+            assert pipe.transformer.dtype == torch.bfloat16
+            for size, cond in ORACLE_CASES:
+                _assert_served_equals_pipeline(c, pipe, size, cond)
+        finally:
+            torch.set_num_threads(previous)
 
 
 def test_same_seed_same_bytes_and_n_gives_distinct_images(cluster):

@@ -62,17 +62,24 @@ def generate(url: str, seed: int, size: str = "256x256", steps: int = 1, timeout
 
 
 class Launcher:
-    """`launch/disagg_glm_image.sh ARGS` started as a user would, output (stdout and stderr) in a file."""
+    """`launch/disagg_glm_image.sh ARGS` started as a user would, output (stdout and stderr) in a file.
+    Logs go to `workdir/logs`, or with `temporary_logs` to the launcher's default folder, made under
+    `self.tmp_dir` (its TMPDIR) so the test sees exactly what it leaves behind."""
 
-    def __init__(self, workdir: Path, args: list[str]):
+    def __init__(self, workdir: Path, args: list[str], temporary_logs: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.output_path = workdir / "launcher.out"
-        # Hermetic: no launcher settings from the caller's environment, the project's own .venv.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GLM_")}
+        self.tmp_dir = workdir / "tmp"
+        # Hermetic: no launcher settings from the caller's environment; the caller's virtual environment.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GLM_") or k == "GLM_SERVE_VENV"}
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", GLM_SERVE_LOG_LEVEL="INFO")
-        command = [str(LAUNCHER), "--port", str(self.port), "--bus-port", str(free_port()),
-                   "--log-dir", str(workdir / "logs"), *args]
+        log_args = ["--log-dir", str(workdir / "logs")]
+        if temporary_logs:
+            self.tmp_dir.mkdir()
+            env["TMPDIR"] = str(self.tmp_dir)
+            log_args = []
+        command = [str(LAUNCHER), "--port", str(self.port), "--bus-port", str(free_port()), *log_args, *args]
         with open(self.output_path, "wb") as out:
             self.popen = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env,
                                           start_new_session=True)
@@ -117,6 +124,10 @@ class Launcher:
             time.sleep(0.1)
         raise AssertionError(f"wanted {ar} AR + {dit} DiT live workers, router shows {self.live_workers()}\n{self.output()[-6000:]}")
 
+    def log_folder(self) -> Path:
+        """The log folder the launcher announced at start."""
+        return Path(self.wait_for_output(r"; logs in (\S+)", STARTUP_FAILURE_BOUND_S).group(1))
+
     def wait_exit(self, timeout: float) -> int:
         return self.popen.wait(timeout=timeout)
 
@@ -153,8 +164,8 @@ def _alive(pid: int) -> bool:
 def launch(tmp_path):
     started: list[Launcher] = []
 
-    def start(*args: str) -> Launcher:
-        launcher = Launcher(tmp_path, list(args))
+    def start(*args: str, temporary_logs: bool = False) -> Launcher:
+        launcher = Launcher(tmp_path, list(args), temporary_logs)
         started.append(launcher)
         return launcher
 
@@ -165,7 +176,7 @@ def launch(tmp_path):
 
 def test_worker_crashing_at_startup_fails_the_launch_with_its_error(launch):
     started = time.monotonic()
-    launcher = launch("--model", "/nonexistent/GLM-Image", "--stage-config", str(TINY_STAGE_CONFIG))
+    launcher = launch("--model", "/nonexistent/GLM-Image", "--stage-config", str(TINY_STAGE_CONFIG), temporary_logs=True)
     status = launcher.wait_exit(timeout=STARTUP_FAILURE_BOUND_S)
     elapsed = time.monotonic() - started
     out = launcher.output()
@@ -176,6 +187,10 @@ def test_worker_crashing_at_startup_fails_the_launch_with_its_error(launch):
     report = out[failure.start():]
     assert "/nonexistent/GLM-Image is not a GLM-Image folder" in report, report[:3000]
     assert not [pid for pid in launcher.all_pids() if _alive(pid)]
+    # A failed launch keeps its default (temporary) log folder for the post-mortem, and says where.
+    logs = launcher.log_folder()
+    assert logs.parent == launcher.tmp_dir and f"logs kept in {logs}" in out, out[-2000:]
+    assert "not a GLM-Image folder" in (logs / f"{failure.group(1)}.log").read_text()
     print(f"\nstart-up failure: launcher exited {status} after {elapsed:.1f}s ({failure.group(1)} failed)")
 
 
@@ -278,8 +293,10 @@ def test_killed_workers_and_router_are_restarted_while_requests_succeed(launch):
 
 
 def test_sigterm_during_a_request_finishes_it_and_exits_zero(launch):
-    launcher = launch()
+    launcher = launch(temporary_logs=True)
     launcher.wait_for_output(r"GLM-Image is serving at", READY_BOUND_S)
+    logs = launcher.log_folder()
+    assert logs.parent == launcher.tmp_dir and (logs / "router.log").is_file()
     offset = len(launcher.output())
     with ThreadPoolExecutor(1) as pool:
         # 1024x1024: the AR stage alone takes seconds, and the DiT stage still has to run after it.
@@ -299,6 +316,8 @@ def test_sigterm_during_a_request_finishes_it_and_exits_zero(launch):
     # The router went first (its request still needed the DiT worker), and only then the workers.
     assert stopped["router"].start() < out.index("stopping ar-0") < stopped["ar-0"].start(), out[-6000:]
     assert not [pid for pid in launcher.all_pids() if _alive(pid)]
+    # A clean end removes the default log folder: launches do not pile folders up in /tmp.
+    assert not logs.exists() and "logs kept in" not in out
     print(f"\nSIGTERM during a 1024x1024 request: 200, launcher exited 0 {stopped_s:.1f}s after the signal")
 
 
@@ -341,6 +360,7 @@ def test_crash_loop_is_bounded_and_loud_and_the_rest_keeps_running(tmp_path, cap
     supervisor, status = asyncio.run(scenario())
     assert status == 0  # the router stopped cleanly on SIGTERM
     assert supervisor.process("ar-0").incarnations == 3  # first start + max_restarts
+    assert supervisor.left_down == ["ar-0"]  # what keeps a launch's temporary log folder
     assert supervisor.metrics.registry.get_sample_value("glm_supervisor_restarts_total", {"process": "ar-0", "exit": "3"}) == 2
     crash_report = next(r.getMessage() for r in caplog.records if "crash loop" in r.getMessage())
     assert "ar-0" in crash_report and "status 3" in crash_report and "boom: cannot open /dev/nvidia7" in crash_report

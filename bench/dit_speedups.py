@@ -34,6 +34,7 @@ import shutil
 import statistics
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,31 @@ def max_abs_diff(a: bytes, b: bytes) -> int:
     x = np.asarray(Image.open(io.BytesIO(a)).convert("RGB"), dtype=np.int16)
     y = np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), dtype=np.int16)
     return int(np.abs(x - y).max())
+
+
+@dataclass(frozen=True)
+class CacheJobStats:
+    """What the block cache did in the runner's last job: transformer passes whose middle blocks were skipped."""
+
+    cached_steps: int  # conditional passes (one per denoising step)
+    cached_cfg_steps: int  # unconditional (classifier-free guidance) passes
+
+    @property
+    def skipped_passes(self) -> int:
+        return self.cached_steps + self.cached_cfg_steps
+
+
+def cache_job_stats(runner) -> CacheJobStats:
+    """What the block cache skipped in a block-cached runner's last job, read from cache-dit's
+    contexts on its transformer: `BlockCache` rebuilds them before each job, so after `runner.run`
+    they hold that job's steps until the next job starts."""
+    transformer = runner.pipe.transformer
+    cached = cfg_cached = 0
+    for name in transformer._context_names:
+        context = transformer._context_manager.get_context(name)
+        cached += len(context.get_cached_steps())
+        cfg_cached += len(context.get_cfg_cached_steps())
+    return CacheJobStats(cached, cfg_cached)
 
 
 def real_shape(args) -> None:
@@ -197,7 +223,7 @@ def main() -> None:
         for option, runner in runners.items():
             p50 = statistics.median(times[option])
             base_image = images.get("baseline")
-            skipped = f"{runner.last_cache_stats.skipped_passes}/{args.steps * passes}" if runner.cache else "-"
+            skipped = f"{cache_job_stats(runner).skipped_passes}/{args.steps * passes}" if runner.cache else "-"
             quality = psnr(images[option], base_image) if base_image else math.nan
             diff = max_abs_diff(images[option], base_image) if base_image else -1
             print(f"{text:>10} {option:>14} {first[option]:8.3f} {p50:8.3f} {base_s / p50:7.2f}x {skipped:>9} "

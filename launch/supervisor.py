@@ -167,12 +167,12 @@ def bus_addresses(http_host: str, bus_host: str | None, bus_port: int) -> tuple[
     return address, address
 
 
-def plan_deployment(options: LaunchOptions, python: str = sys.executable) -> Deployment:
+def plan_deployment(options: LaunchOptions) -> Deployment:
     """The router and worker command lines for `options`."""
     if options.num_ar < 1 or options.num_dit < 1:
         raise ValueError("at least one AR and one DiT worker are needed")
     bus_bind, bus_connect = bus_addresses(options.host, options.bus_host, options.bus_port)
-    cli = (python, "-m", "launch.cli")
+    cli = (sys.executable, "-m", "launch.cli")
     router_argv = cli + (
         "router", "--stage-config", options.stage_config, "--host", options.host, "--port", str(options.port),
         "--bus-bind", bus_bind, "--model-name", options.model_name, "--shutdown-grace", str(options.shutdown_grace_s),
@@ -453,9 +453,6 @@ class Supervisor:
         self._failure: str | None = None
         # Set when the supervisor must act: a stop was requested or a fatal failure happened.
         self._attention = asyncio.Event()
-
-    def process(self, name: str) -> ManagedProcess:
-        return next(p for p in self.processes if p.name == name)
 
     def request_stop(self, reason: str = "stop requested") -> None:
         """Begin the graceful stop; a second request kills every process at once."""

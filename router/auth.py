@@ -31,7 +31,6 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -123,13 +122,12 @@ def _digest(key: str) -> bytes:
 class ApiKeys:
     """The accepted keys, as digests; the key file's are re-read when the file changes."""
 
-    def __init__(self, config: ApiKeyConfig, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, config: ApiKeyConfig):
         self.config = config
-        self._clock = clock
         self._static = [_digest(key) for key in config.keys]
         self._from_file: list[bytes] = []
         self._file_stamp: tuple[int, int, int] | None = None
-        self._checked_at = clock()
+        self._checked_at = time.monotonic()
         short = sum(len(key) < _SHORT_KEY for key in config.keys)
         if config.key_file is not None:
             file_keys = read_key_file(config.key_file)
@@ -161,9 +159,9 @@ class ApiKeys:
         return stat.st_mtime_ns, stat.st_size, stat.st_ino
 
     def _reload_if_changed(self) -> None:
-        if self.config.key_file is None or self._clock() - self._checked_at < _RELOAD_CHECK_S:
+        if self.config.key_file is None or time.monotonic() - self._checked_at < _RELOAD_CHECK_S:
             return
-        self._checked_at = self._clock()
+        self._checked_at = time.monotonic()
         stamp = self._stamp()
         if stamp == self._file_stamp:
             return

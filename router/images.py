@@ -49,7 +49,6 @@ class ConditionImage:
 
     png: bytes
     size: ImageSize
-    source_size: ImageSize  # before the resize (after EXIF orientation)
 
 
 def check_upload_size(num_bytes: int, limits: Limits, what: str) -> None:
@@ -131,7 +130,7 @@ def load_condition_image(raw: bytes, limits: Limits, what: str) -> ConditionImag
         rgb = rgb.resize((target.width, target.height), Image.Resampling.LANCZOS)
     out = io.BytesIO()
     rgb.save(out, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
-    return ConditionImage(out.getvalue(), target, source)
+    return ConditionImage(out.getvalue(), target)
 
 
 def _too_many_pixels(what: str, limits: Limits) -> InvalidRequest:

@@ -50,9 +50,9 @@ class WorkerPool:
         self.registrations: Counter[Stage] = Counter()
         self.losses: Counter[tuple[Stage, LossReason]] = Counter()
 
-    def observe(self, identity: bytes, heartbeat: Heartbeat, now: float | None = None) -> bool:
+    def observe(self, identity: bytes, heartbeat: Heartbeat) -> bool:
         """Record a heartbeat; True when the worker is new to this router."""
-        now = time.monotonic() if now is None else now
+        now = time.monotonic()
         info = heartbeat.info
         state = self.workers.get(info.worker_id)
         if state is None or state.identity != identity:
@@ -69,9 +69,9 @@ class WorkerPool:
             self.losses[state.info.stage, reason] += 1
         return state
 
-    def expire(self, now: float | None = None) -> list[WorkerState]:
+    def expire(self) -> list[WorkerState]:
         """Drop and return the workers silent for longer than the peer timeout."""
-        now = time.monotonic() if now is None else now
+        now = time.monotonic()
         dead = [w for w in self.workers.values() if now - w.last_seen > self.peer_timeout_s]
         for w in dead:
             del self.workers[w.info.worker_id]

@@ -27,7 +27,7 @@ from common.protocol import DiTJob, DiTResult
 from common.sizes import Grid, ImageSize
 from common.stage_config import DiTEngineArgs
 from common.worker_runtime import JobProgressReporter
-from stage_dit.speedups import BlockCache, CacheJobStats, compile_repeated_blocks
+from stage_dit.speedups import BlockCache, compile_repeated_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,6 @@ class DiTPipelineRunner:
         # Optional speed-ups, set once here (stage_dit/speedups.py). Caching goes first: it
         # patches the blocks' forward, which the compiled blocks then trace.
         self.cache = BlockCache(self.pipe.transformer, engine_args.cache) if engine_args.cache else None
-        self.last_cache_stats: CacheJobStats | None = None
         if engine_args.compile is not None:
             compile_repeated_blocks(self.pipe.transformer, engine_args.compile)
 
@@ -108,8 +107,6 @@ class DiTPipelineRunner:
                 callback_on_step_end=watcher,
                 output_type="pil",
             )
-            if self.cache is not None:
-                self.last_cache_stats = self.cache.job_stats()
         if cancel.is_set():
             raise Cancelled()
         image = output.images[0]

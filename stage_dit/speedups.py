@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
 
 import torch
 
@@ -20,18 +19,6 @@ logger = logging.getLogger(__name__)
 # block's code; all blocks share it. The default limit of 8 could be reached by a worker serving
 # many sizes and edits, after which dynamo silently runs eager; a higher limit keeps it compiled.
 _RECOMPILE_LIMIT = 64
-
-
-@dataclass(frozen=True)
-class CacheJobStats:
-    """What the block cache did in one job: transformer passes whose middle blocks were skipped."""
-
-    cached_steps: int  # conditional passes (one per denoising step)
-    cached_cfg_steps: int  # unconditional (classifier-free guidance) passes
-
-    @property
-    def skipped_passes(self) -> int:
-        return self.cached_steps + self.cached_cfg_steps
 
 
 class BlockCache:
@@ -108,15 +95,6 @@ class BlockCache:
             kwargs = copy.copy(self._init_kwargs[name])
             kwargs["cache_config"] = copy.deepcopy(config)
             self._manager.reset_context(name, **kwargs)
-
-    def job_stats(self) -> CacheJobStats:
-        """What the last job skipped."""
-        cached = cfg_cached = 0
-        for name in self._names:
-            context = self._manager.get_context(name)
-            cached += len(context.get_cached_steps())
-            cfg_cached += len(context.get_cfg_cached_steps())
-        return CacheJobStats(cached, cfg_cached)
 
 
 def compile_repeated_blocks(transformer: torch.nn.Module, settings: CompileSettings) -> None:

@@ -27,7 +27,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from bench.dit_speedups import deep_tiny_model, make_job, max_abs_diff, psnr
+from bench.dit_speedups import cache_job_stats, deep_tiny_model, make_job, max_abs_diff, psnr
 from common.sizes import ImageSize
 from common.stage_config import BlockCacheSettings, CompileSettings, DiTEngineArgs, load_stage_config
 from stage_dit.pipeline_runner import DiTPipelineRunner
@@ -83,7 +83,7 @@ def test_block_cache_skips_steps_within_a_stated_psnr(eager, cached):
     with _count_block_calls(cached) as calls:
         image = _run(cached, job)
     passes = 2 * STEPS  # guidance 1.5: a conditional and an unconditional pass per step
-    skipped = cached.last_cache_stats.skipped_passes
+    skipped = cache_job_stats(cached).skipped_passes
     quality = psnr(image, reference)
     print(f"\nblock cache at {SIZE}, {STEPS} steps: {skipped}/{passes} passes skipped the middle blocks, "
           f"PSNR vs uncached {quality:.2f} dB")
@@ -98,10 +98,10 @@ def test_block_cache_same_request_same_bytes(cached):
     """The cache context is rebuilt per job: nothing carries over, even across other jobs."""
     job = make_job(SIZE, STEPS, codebook=128, seed=3)
     first = _run(cached, job)
-    stats = cached.last_cache_stats
+    stats = cache_job_stats(cached)
     _run(cached, make_job(ImageSize(512, 256), STEPS, codebook=128, seed=4))  # something else in between
     assert _run(cached, job) == first
-    assert cached.last_cache_stats == stats
+    assert cache_job_stats(cached) == stats
 
 
 @pytest.mark.parametrize(("n_images", "guidance", "warmup"), [(1, 1.5, 2), (3, 1.0, 1)])
@@ -117,7 +117,7 @@ def test_block_cache_image_to_image(eager, deep_model, n_images, guidance, warmu
     with _count_block_calls(runner) as calls:
         image = _run(runner, job)
     passes = STEPS * (2 if guidance > 1 else 1)
-    skipped = runner.last_cache_stats.skipped_passes
+    skipped = cache_job_stats(runner).skipped_passes
     quality = psnr(image, reference)
     print(f"\nedit, {n_images} condition image(s), guidance {guidance}: {skipped}/{passes} passes skipped, "
           f"PSNR vs uncached {quality:.2f} dB")

@@ -32,6 +32,7 @@ import yaml
 from launch.supervisor import (
     CrashHistory,
     LaunchOptions,
+    ManagedProcess,
     ProcessSpec,
     RestartPolicy,
     Supervisor,
@@ -332,6 +333,10 @@ def _python(code: str) -> tuple[str, ...]:
     return (sys.executable, "-c", code)
 
 
+def _process(supervisor: Supervisor, name: str) -> ManagedProcess:
+    return next(p for p in supervisor.processes if p.name == name)
+
+
 async def _until(condition, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -352,14 +357,14 @@ def test_crash_loop_is_bounded_and_loud_and_the_rest_keeps_running(tmp_path, cap
                                 echo=echo, handle_signals=False)
         run = asyncio.create_task(supervisor.run())
         await _until(lambda: supervisor.metrics.registry.get_sample_value("glm_supervisor_gave_up", {"process": "ar-0"}) == 1)
-        assert supervisor.process("router").running
+        assert _process(supervisor, "router").running
         supervisor.request_stop()
         return supervisor, await run
 
     caplog.set_level("INFO", logger="launch.supervisor")
     supervisor, status = asyncio.run(scenario())
     assert status == 0  # the router stopped cleanly on SIGTERM
-    assert supervisor.process("ar-0").incarnations == 3  # first start + max_restarts
+    assert _process(supervisor, "ar-0").incarnations == 3  # first start + max_restarts
     assert supervisor.left_down == ["ar-0"]  # what keeps a launch's temporary log folder
     assert supervisor.metrics.registry.get_sample_value("glm_supervisor_restarts_total", {"process": "ar-0", "exit": "3"}) == 2
     crash_report = next(r.getMessage() for r in caplog.records if "crash loop" in r.getMessage())
@@ -383,8 +388,8 @@ def test_exit_before_ready_fails_the_launch_with_the_tail(tmp_path, caplog):
     assert time.monotonic() - started < 10
     failure = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("launch failed"))
     assert "dit-0" in failure and "status 3 before the system was ready" in failure and "boom" in failure
-    assert supervisor.process("dit-0").incarnations == 1  # never restarted
-    assert not supervisor.process("router").running
+    assert _process(supervisor, "dit-0").incarnations == 1  # never restarted
+    assert not _process(supervisor, "router").running
 
 
 def test_backoff_doubles_to_its_cap_and_old_exits_are_forgotten():
@@ -415,7 +420,7 @@ def test_bus_binds_where_http_binds_unless_told(host, bus_host, bind, connect):
 def test_plan_keeps_ids_devices_and_metrics_ports_per_worker():
     plan = plan_deployment(LaunchOptions(model="/m", stage_config="/c.yaml", model_name="glm-image-tiny-random",
                                          num_ar=2, num_dit=3, ar_devices=("cuda:0", "cuda:1"), dit_devices=("cuda:2",),
-                                         worker_metrics_port=9100), python="py")
+                                         worker_metrics_port=9100))
     by_name = {p.name: p.argv for p in plan.processes}
     assert list(by_name) == ["router", "ar-0", "ar-1", "dit-0", "dit-1", "dit-2"]
     assert "--bus-bind" in by_name["router"] and "tcp://127.0.0.1:5570" in by_name["router"]

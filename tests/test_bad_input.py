@@ -1,8 +1,10 @@
-"""Hostile input through real HTTP: every bad request is a 4xx whose message names the problem.
+"""Bad requests: every one is a 4xx whose message names the problem.
 
-One cluster (router + 1 AR + 1 DiT worker, small upload limits so oversized
-uploads stay cheap) takes the whole table, then a good request must still
-succeed and the router must still be healthy.
+The table runs in-process against the real app with this module's limits (small uploads, so
+oversized ones stay cheap) around a backend without workers (tests/edge_app.py): no row needs a
+worker, and each is checked never to reach the backend. A few rows, one per way of refusing, go
+over the wire to a real cluster (router + 1 AR + 1 DiT worker, the same limits); then a good
+request must still succeed there and the router must still be healthy.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 
 from common.stage_config import load_stage_config
-from harness.local_cluster import TINY_STAGE_CONFIG, generate
+from harness.local_cluster import TINY_STAGE_CONFIG, Cluster, generate
+from tests.edge_app import InProcessEdge, in_process_edge
 from tests.helpers import assert_router_unhurt, chat, cluster_with, data_url, image_part, noise_png, png, png_claiming, response_image
 
 MAX_UPLOAD = 256 * 1024  # bytes per condition image on this cluster
@@ -145,15 +149,31 @@ CASES = [
 ]
 
 
+SMALL_LIMITS = {"limits": {"max_upload_bytes": MAX_UPLOAD}}
+# Over the wire too, one row per way of refusing: a body over the limit (413 from its Content-Length),
+# an upload over the limit, a decompression bomb in the image decoder, validation on the streaming
+# path, and routing.
+WIRE = ("oversized json body", "edits oversized upload", "edits real bomb", "streamed bad size", "wrong method")
+WIRE_CASES = [case for case in CASES if case.id in WIRE]
+assert len(WIRE_CASES) == len(WIRE), "a row named in WIRE is missing from CASES"
+
+
+@pytest.fixture(scope="module")
+def edge():
+    """The router's app in-process with this module's limits, without workers."""
+    with in_process_edge(SMALL_LIMITS) as app:
+        yield app
+
+
 @pytest.fixture(scope="module")
 def small_limits(tiny_model, tmp_path_factory):
-    with cluster_with(tiny_model, tmp_path_factory, "bad_input", {"limits": {"max_upload_bytes": MAX_UPLOAD}}) as c:
+    with cluster_with(tiny_model, tmp_path_factory, "bad_input", SMALL_LIMITS) as c:
         yield c
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_request_is_a_4xx_naming_the_problem(small_limits, case: Case):
-    kwargs = {"headers": case.headers, "timeout": 30}
+def send(target: InProcessEdge | Cluster, case: Case) -> httpx.Response:
+    """Send `case` to the in-process edge, or over the wire to a cluster."""
+    kwargs: dict[str, Any] = {"headers": case.headers}
     if case.json is not None:
         kwargs["content"] = json.dumps(case.json).encode()
         kwargs["headers"] = {"content-type": "application/json", **case.headers}
@@ -161,11 +181,38 @@ def test_bad_request_is_a_4xx_naming_the_problem(small_limits, case: Case):
         kwargs["content"] = case.content
     if case.files is not None or case.data is not None:
         kwargs["files"], kwargs["data"] = case.files, case.data
-    response = httpx.request(case.method, small_limits.url + case.path, **kwargs)
+    if isinstance(target, InProcessEdge):
+        return target.client.request(case.method, case.path, **kwargs)
+    return httpx.request(case.method, target.url + case.path, timeout=30, **kwargs)
+
+
+def assert_4xx_naming_the_problem(response: httpx.Response, case: Case) -> None:
     assert response.status_code == case.status, response.text[:500]
     error = response.json()["error"]
     assert error["code"] == case.status
     assert case.keyword.lower() in error["message"].lower(), error["message"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_request_is_a_4xx_naming_the_problem(edge, case: Case):
+    reached = len(edge.backend.requests)
+    assert_4xx_naming_the_problem(send(edge, case), case)
+    assert len(edge.backend.requests) == reached, "a bad request must never reach the backend"
+
+
+def test_the_edge_still_serves_after_the_table(edge):
+    """Runs after the in-process table: no 5xx, nothing logged as an error, and a good request
+    passes validation (the 503 of no workers; the seam is not refusing everything)."""
+    assert not {s for s in edge.statuses() if s.startswith("5")}, edge.statuses()
+    assert not edge.logged_errors(), edge.logged_errors()[:5]
+    response = edge.client.post(GEN, json=OK)
+    assert response.status_code == 503 and "no live ar worker" in response.json()["error"]["message"], response.text
+    assert edge.backend.requests[-1].prompt == OK["prompt"]
+
+
+@pytest.mark.parametrize("case", WIRE_CASES, ids=[c.id for c in WIRE_CASES])
+def test_bad_request_over_the_wire(small_limits, case: Case):
+    assert_4xx_naming_the_problem(send(small_limits, case), case)
 
 
 def test_still_healthy_after_the_table(small_limits):

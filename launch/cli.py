@@ -342,18 +342,13 @@ def _keygen(args) -> int:
 
 
 def die_with_supervisor() -> None:
-    """Under `glm-image-serve launch`, have the kernel SIGTERM this process when the supervisor dies
-    (Linux), so a launcher killed with SIGKILL does not leave workers holding GPUs and ports."""
+    """Under `glm-image-serve launch` (or the test harness), have the kernel SIGTERM this process when
+    the supervisor dies, so a launcher killed with SIGKILL does not leave workers holding GPUs and ports."""
+    from common.parent_death import signal_on_parent_death
     from launch.supervisor import SUPERVISOR_PID_ENV
 
     supervisor_pid = os.environ.get(SUPERVISOR_PID_ENV)
-    if not supervisor_pid or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1  # <linux/prctl.h>
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != int(supervisor_pid):  # it died before the prctl took effect
+    if supervisor_pid and not signal_on_parent_death(int(supervisor_pid)):
         sys.exit("error: the launcher that started this process has exited")
 
 

@@ -3,11 +3,13 @@
 Tiers: a test marked `slow` belongs to the full tier only; `./tests/run_tests.sh --quick` runs
 `-m "not slow"` (README, "Tests", says what each tier proves).
 
-Parallel runs (pytest-xdist, `--dist loadgroup`): every module is one group, so its module-scoped
-fixtures (a cluster, a vLLM engine) start once, in one worker. Modules that share machine-wide
-state (network namespaces, /etc/netns, the 198.18.0.0/15 addresses) form one group so they never
-run at the same time; so do the ones that each hold several GiB of model weights. Groups start
-heaviest first (GROUP_COST), so both workers finish at about the same time.
+Parallel runs (pytest-xdist, `-n 2 --dist loadscope`, as run_tests.sh does): every module is one
+group, run whole by one worker, so its module-scoped fixtures (a cluster, a vLLM engine) start
+once. Modules that share machine-wide state (network namespaces, /etc/netns, the 198.18.0.0/15
+addresses) form one group so they never run at the same time; so do the ones that each hold
+several GiB of model weights. Groups start heaviest first (GROUP_COST), so both workers finish at
+about the same time. (xdist's own `loadgroup` cannot do this with pytest 9.2: the group suffix it
+writes into `item._nodeid` no longer reaches `item.nodeid`.)
 
 Interrupting the run (Ctrl-C, SIGTERM) tears the fixtures down, so every cluster stops; the
 processes a cluster starts also get SIGTERM from the kernel if this process dies without teardown
@@ -55,19 +57,33 @@ GROUP_COST = {
 }
 
 
-def _group(item: pytest.Item) -> str:
-    module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid
+def _group_of_module(path: str) -> str:
+    module = Path(path.split("::", 1)[0]).stem
     return GROUP_OF_MODULE.get(module, module)
 
 
-@pytest.hookimpl(tryfirst=True)
+def _group(item: pytest.Item) -> str:
+    return _group_of_module(item.nodeid)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Give every test its xdist group and order the groups heaviest first (stable within a group)."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(_group(item)))
+    """Order the groups heaviest first (stable within a group): the order xdist hands them out."""
     position = {id(item): index for index, item in enumerate(items)}
     items.sort(key=lambda item: (-GROUP_COST.get(_group(item), 0), _group(item), position[id(item)]))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadscope` with our groups as the scopes, handed out in collection order."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group_of_module(nodeid)
+
+    config.option.loadscopereorder = False  # keep GROUP_COST's order, not "most tests first"
+    return ModuleGroupScheduling(config, log)
 
 
 def pytest_configure(config: pytest.Config) -> None:

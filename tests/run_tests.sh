@@ -28,5 +28,5 @@ for arg in "${args[@]+"${args[@]}"}"; do
     tests|tests/*) paths=() ;;
   esac
 done
-exec "$VENV/bin/python" -m pytest -n "${GLM_TEST_WORKERS:-2}" --dist loadgroup --durations 25 \
+exec "$VENV/bin/python" -m pytest -n "${GLM_TEST_WORKERS:-2}" --dist loadscope --durations 25 \
   "${tier[@]+"${tier[@]}"}" "${paths[@]+"${paths[@]}"}" "${args[@]+"${args[@]}"}"

@@ -93,3 +93,53 @@ def test_interrupting_pytest_stops_every_cluster_process(tiny_model, tmp_path, h
             os.killpg(inner.pid, signal.SIGKILL)
             inner.wait()
         log.close()
+
+
+# An AR worker's vLLM engine core is a multiprocessing child of the worker: killed with SIGKILL,
+# the worker must not leave it running with the model and its KV cache.
+ENGINE_PARENT = '''
+import multiprocessing, sys, time
+
+def engine_core(ready):
+    from stage_ar.vllm_plugin import register
+    register()  # what vLLM runs first in every process it spawns
+    ready.put(multiprocessing.current_process().pid)
+    time.sleep(120)
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Queue()
+    ctx.Process(target=engine_core, args=(ready,)).start()
+    print(ready.get(timeout=120), flush=True)
+    time.sleep(120)
+'''
+
+
+@pytest.mark.slow
+def test_a_killed_worker_takes_its_vllm_engine_process_with_it(tmp_path):
+    script = tmp_path / "engine_parent.py"
+    script.write_text(ENGINE_PARENT)
+    parent = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert _alive(child)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + STOP_BOUND_S
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child), "the engine process outlived the worker that spawned it"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        os.killpg(parent.pid, signal.SIGKILL) if _group_alive(parent.pid) else None
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -17,7 +17,9 @@ keeps, and `forward` decodes every flagged position back into the 2D position
 that transformers' `_cached_decode_position_ids` holds. A position value alone
 determines its 2D position, so this survives batching, chunked prefill, prefix
 caching, preemption/recompute and tensor parallelism (every rank interns the
-same layouts in the same order).
+same layouts in the same order). `MRopePositions` holds this logic apart from
+the vLLM layers, so tests check it against transformers without an engine
+(tests/test_decode_positions.py).
 
 Condition images (image-to-image) arrive as multimodal items carrying their VQ
 code ids and grids (see `GlmImageMultiModalProcessor`).
@@ -25,7 +27,6 @@ code ids and grids (see `GlmImageMultiModalProcessor`).
 
 from __future__ import annotations
 
-import os
 import re
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -69,14 +70,6 @@ INDEX_BITS = 13  # up to 8192 generated tokens (2048x2048 text-to-image needs 43
 LAYOUT_BITS = 17
 FLAG = 1 << 30
 MAX_LAYOUTS = 1 << LAYOUT_BITS
-
-# TEST HOOK, off unless set: break the decode positions on purpose, so the parity tests can show
-# they detect it (tests/test_vllm_engine.py). vLLM builds the model in its own spawned process,
-# which inherits the environment of the process that created the engine. Values:
-#   "linear"      - stock vLLM: decode positions continue linearly after the prompt;
-#   "grid-start+1" - the 2D layout, with every generated grid starting one position late.
-BROKEN_DECODE_POSITIONS_ENV = "GLM_IMAGE_TEST_BROKEN_DECODE_POSITIONS"
-BROKEN_DECODE_POSITIONS = ("linear", "grid-start+1")
 
 
 class DecodeLayouts:
@@ -139,6 +132,91 @@ class DecodeLayouts:
         return torch.where(
             flagged, torch.stack([t, h, w]).to(positions.dtype), positions
         )
+
+
+class MRopePositions:
+    """GLM-Image's M-RoPE positions in vLLM: the prompt's, and the encoded decode positions.
+
+    Pure torch plus the tokenizer (to read the grid scaffold), kept apart from the vLLM
+    layers so tests can check it against transformers' `get_rope_index` and its decode
+    cache without starting an engine (tests/test_decode_positions.py). The model calls
+    `input_positions` from `get_mrope_input_positions` and `decode` in `forward`.
+    """
+
+    def __init__(
+        self,
+        tokenizer_path: str,
+        image_end_token_id: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.grid_markers = _GridMarkers(tokenizer_path)
+        self.image_end_token_id = image_end_token_id
+        self.layouts = DecodeLayouts(device)
+
+    def input_positions(
+        self, input_tokens: list[int], condition_grids: list[tuple[int, int]]
+    ) -> tuple[torch.Tensor, int]:
+        """Prompt positions (3, len(input_tokens)) as transformers' `get_rope_index`, plus a delta encoding the decode layout.
+
+        Condition images (a run of tokens between image start and image end) take 2D
+        positions and advance the running position by max(h, w); their grids are
+        `condition_grids` ((h, w) per image, in prompt order), as the token ids alone
+        cannot give them. The generated grids are read from the `<sop>h w<eop>`
+        scaffold: the last two (target, preview) for text-to-image, the last one for
+        image-to-image.
+        """
+        grids = self.grid_markers.scaffold_grids(input_tokens)
+        ends = [i for i, t in enumerate(input_tokens) if t == self.image_end_token_id]
+        if len(condition_grids) < len(ends):
+            raise ValueError(
+                f"prompt has {len(ends)} condition images but {len(condition_grids)} image grids were given"
+            )
+        pieces: list[torch.Tensor] = []
+        pos = 0
+        prev = 0
+        for end, (h, w) in zip(ends, condition_grids):
+            start = end - h * w  # first image token (after the image start token)
+            n_text = start - prev
+            pieces.append(torch.arange(pos, pos + n_text).expand(3, -1))
+            pos += n_text
+            rows = torch.arange(h).repeat_interleave(w)
+            cols = torch.arange(w).repeat(h)
+            pieces.append(
+                torch.stack([torch.full((h * w,), pos), pos + rows, pos + cols])
+            )
+            pos += max(h, w)
+            prev = end
+        n_text = len(input_tokens) - prev
+        pieces.append(torch.arange(pos, pos + n_text).expand(3, -1))
+        pos += n_text
+        positions = torch.cat(pieces, dim=1)
+
+        n_decode = 1 if ends else 2
+        if len(grids) < n_decode:
+            raise ValueError(
+                "GLM-Image prompt lacks the <sop>h w<eop> grid scaffold; build it with the "
+                "GLM-Image processor (apply_chat_template with target_h/target_w)"
+            )
+        # The processor lists grids as (conditions..., target[, preview]); generation
+        # runs them in reverse, preview first.
+        layout_id = self.layouts.intern(pos, list(reversed(grids[-n_decode:])))
+        # vLLM's decode position for sequence index s is s + delta; make it encode
+        # (layout_id, s - len(prompt)).
+        delta = FLAG + (layout_id << INDEX_BITS) - len(input_tokens)
+        return positions, delta
+
+    def decode(self, positions: torch.Tensor) -> torch.Tensor:
+        """Encoded decode positions in a (3, N) position tensor -> 2D grid positions (`DecodeLayouts.decode`)."""
+        return self.layouts.decode(positions)
+
+
+def condition_grids(mm_features: list | None) -> list[tuple[int, int]]:
+    """(h, w) of each condition image, in prompt order, from vLLM's multimodal features (`image_grid_thw`)."""
+    grids = []
+    for feature in mm_features or []:
+        thw = feature.data["image_grid_thw"].data.tolist()
+        grids.append((int(thw[1]), int(thw[2])))
+    return grids
 
 
 class GlmImageTextAttention(nn.Module):
@@ -425,78 +503,19 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMR
         self.logits_processor = LogitsProcessor(text_config.vision_vocab_size)
         self.vocab_size = text_config.vocab_size
         self.codebook_size = config.vq_config.num_embeddings
-        self._grid_markers = _GridMarkers(vllm_config.model_config.tokenizer)
-        self._layouts = DecodeLayouts(vllm_config.device_config.device)
-        self._broken_positions = os.environ.get(BROKEN_DECODE_POSITIONS_ENV) or None
-        if self._broken_positions not in (None, *BROKEN_DECODE_POSITIONS):
-            raise ValueError(
-                f"{BROKEN_DECODE_POSITIONS_ENV}={self._broken_positions!r}: expected one of {BROKEN_DECODE_POSITIONS}"
-            )
+        self.mrope = MRopePositions(
+            vllm_config.model_config.tokenizer,
+            config.image_end_token_id,
+            vllm_config.device_config.device,
+        )
 
     # --- M-RoPE ---
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list
     ) -> tuple[torch.Tensor, int]:
-        """Prompt positions as transformers' `get_rope_index`, plus a delta encoding the decode layout.
-
-        Condition images (a run of tokens between image start and image end) take 2D
-        positions and advance the running position by max(h, w); their grids come
-        from `mm_features` (image_grid_thw), as the token ids alone cannot give them.
-        The generated grids are read from the `<sop>h w<eop>` scaffold: the last two
-        (target, preview) for text-to-image, the last one for image-to-image.
-        """
-        grids = self._grid_markers.scaffold_grids(input_tokens)
-        ends = [i for i, t in enumerate(input_tokens) if t == self.image_end_token_id]
-        cond_grids = self._condition_grids(input_tokens, ends, mm_features)
-        pieces: list[torch.Tensor] = []
-        pos = 0
-        prev = 0
-        for end, (h, w) in zip(ends, cond_grids):
-            start = end - h * w  # first image token (after the image start token)
-            n_text = start - prev
-            pieces.append(torch.arange(pos, pos + n_text).expand(3, -1))
-            pos += n_text
-            rows = torch.arange(h).repeat_interleave(w)
-            cols = torch.arange(w).repeat(h)
-            pieces.append(
-                torch.stack([torch.full((h * w,), pos), pos + rows, pos + cols])
-            )
-            pos += max(h, w)
-            prev = end
-        n_text = len(input_tokens) - prev
-        pieces.append(torch.arange(pos, pos + n_text).expand(3, -1))
-        pos += n_text
-        positions = torch.cat(pieces, dim=1)
-
-        n_decode = 1 if ends else 2
-        if len(grids) < n_decode:
-            raise ValueError(
-                "GLM-Image prompt lacks the <sop>h w<eop> grid scaffold; build it with the "
-                "GLM-Image processor (apply_chat_template with target_h/target_w)"
-            )
-        if self._broken_positions == "linear":  # test hook (see BROKEN_DECODE_POSITIONS_ENV)
-            return positions, pos - len(input_tokens)
-        start = pos + 1 if self._broken_positions == "grid-start+1" else pos
-        # The processor lists grids as (conditions..., target[, preview]); generation
-        # runs them in reverse, preview first.
-        layout_id = self._layouts.intern(start, list(reversed(grids[-n_decode:])))
-        # vLLM's decode position for sequence index s is s + delta; make it encode
-        # (layout_id, s - len(prompt)).
-        delta = FLAG + (layout_id << INDEX_BITS) - len(input_tokens)
-        return positions, delta
-
-    def _condition_grids(
-        self, input_tokens, ends, mm_features
-    ) -> list[tuple[int, int]]:
-        grids = []
-        for feature in mm_features or []:
-            thw = feature.data["image_grid_thw"].data.tolist()
-            grids.append((int(thw[1]), int(thw[2])))
-        if len(grids) < len(ends):
-            raise ValueError(
-                f"prompt has {len(ends)} condition images but {len(grids)} image grids were given"
-            )
-        return grids[: len(ends)]
+        """Prompt positions as transformers' `get_rope_index`, plus a delta encoding the decode
+        layout (`MRopePositions.input_positions`; condition grids from `mm_features`)."""
+        return self.mrope.input_positions(input_tokens, condition_grids(mm_features))
 
     # --- multimodal (condition images) ---
     @classmethod
@@ -550,7 +569,7 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMR
         **kwargs: object,
     ) -> torch.Tensor:
         # Outside the compiled region: turns encoded decode positions into 2D grid positions.
-        positions = self._layouts.decode(positions)
+        positions = self.mrope.decode(positions)
         return self.language_model(input_ids, positions, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

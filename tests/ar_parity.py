@@ -15,7 +15,7 @@ per step (before the grid constraint), so both sides compare the same quantity.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -42,6 +42,8 @@ class Parity:
     max_abs_diff: float  # over the compared steps (up to and including the first divergence)
     worst_step: int
     steps_compared: int
+    # max |difference| of each compared step; step 0 comes from the prefill (prompt positions only)
+    step_diffs: tuple[float, ...] = field(default=(), repr=False)
 
     def holds(self, tolerance: float) -> bool:
         return self.tokens_equal and self.max_abs_diff <= tolerance
@@ -81,13 +83,14 @@ def compare(vllm_tokens: np.ndarray, vllm_logprobs: list[dict[int, float]], ref_
     first = int(differ[0]) if len(differ) else None
     tokens_equal = first is None and len(vllm_tokens) == len(ref_tokens)
     steps = len(vllm_logprobs) if first is None else min(first + 1, len(vllm_logprobs))
-    worst, worst_step = 0.0, 0
-    for step in range(steps):
-        for token, logprob in vllm_logprobs[step].items():
-            diff = abs(logprob - float(ref_logprobs[step, token]))
-            if diff > worst:
-                worst, worst_step = diff, step
-    return Parity(tokens_equal, first, worst, worst_step, steps)
+    step_diffs = tuple(
+        max((abs(logprob - float(ref_logprobs[step, token])) for token, logprob in vllm_logprobs[step].items()),
+            default=0.0)
+        for step in range(steps)
+    )
+    worst_step = int(np.argmax(step_diffs)) if step_diffs else 0
+    worst = step_diffs[worst_step] if step_diffs else 0.0
+    return Parity(tokens_equal, first, worst, worst_step, steps, step_diffs)
 
 
 def distinct_share(tokens: np.ndarray) -> tuple[int, float]:

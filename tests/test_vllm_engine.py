@@ -5,7 +5,8 @@ mask that allows only image codes at grid positions and EOS at the last one, and
 step the same log-probabilities within `FLOAT32_TOLERANCE` (tests/ar_parity.py); for
 image-to-image also the condition images' VQ ids (`prior_token_image_ids`), against
 the transformers engine (`TransformersAREngine`). The check has teeth: the same engine with
-stock linear decode positions, or its grids started one position late, fails it.
+stock linear decode positions, or its grids started one position late, fails it (slow tier: those
+tests start engines of their own, after the module's shared one is stopped, so they come last).
 vLLM (its CPU build) is part of the project environment, so this runs in the normal suite.
 """
 
@@ -54,11 +55,27 @@ def _start_engine(loop, model, max_num_seqs: int = 16):
     return loop.run_until_complete(start())
 
 
+# The module's one normal engine while it runs; the slow tests stop it (`_stop_shared_engine`).
+_shared: dict = {"engine": None, "stopped": False}
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_model, loop):
-    eng = _start_engine(loop, tiny_model)
+    """The module's one normal vLLM engine, started once for every test that uses it."""
+    assert not _shared["stopped"], "a slow test stopped the shared engine: the slow tests must come last"
+    eng = _shared["engine"] = _start_engine(loop, tiny_model)
     yield eng
+    _shared["engine"] = None
     loop.run_until_complete(eng.shutdown())
+
+
+def _stop_shared_engine(loop) -> None:
+    """One vLLM engine at a time (on CPU each reserves a share of RAM): the slow tests stop the
+    shared engine for good before starting theirs; they come last, so nothing needs it again."""
+    eng, _shared["engine"] = _shared["engine"], None
+    if eng is not None:
+        _shared["stopped"] = True
+        loop.run_until_complete(eng.shutdown())
 
 
 @pytest.fixture(scope="module")
@@ -261,23 +278,35 @@ def test_cancelling_generate_aborts_in_vllm(loop, engine):
     loop.run_until_complete(run())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("broken", ["linear", "grid-start+1"])
-def test_parity_check_fails_with_wrong_decode_positions(loop, engine, tiny_model, transformers_engine, broken,
-                                                        monkeypatch):
-    """The parity check has teeth: vLLM with stock linear decode positions, or with the grids
-    started one position late (a test hook in stage_ar/vllm_model.py, read by vLLM's spawned
-    process from the environment), fails it for text-to-image and image-to-image."""
-    from stage_ar.vllm_model import BROKEN_DECODE_POSITIONS_ENV
+def test_parity_check_fails_with_wrong_decode_positions(loop, tiny_model, transformers_engine, broken,
+                                                        monkeypatch, tmp_path):
+    """The parity check has teeth: vLLM whose model has stock linear decode positions, or its grids
+    started one position late, fails it for text-to-image and image-to-image, on requests the
+    product model passes (test_t2i_greedy_matches_transformers[512-512],
+    test_i2i_greedy_matches_transformers_engine[one-image]).
 
-    # One engine at a time: vLLM on CPU reserves a share of RAM per engine.
-    loop.run_until_complete(engine.shutdown())
-    monkeypatch.setenv(BROKEN_DECODE_POSITIONS_ENV, broken)
-    broken_engine = _start_engine(loop, tiny_model, max_num_seqs=2)
-    monkeypatch.delenv(BROKEN_DECODE_POSITIONS_ENV)
+    The broken models are the product's with one piece replaced (tests/vllm_broken_positions.py).
+    vLLM builds the model in its spawned engine-core process, so they get there as a test-only vLLM
+    plugin chosen with VLLM_PLUGINS for this engine alone. Were it not loaded there, the engine would
+    run the product model and this test would fail (the parity would hold)."""
+    from vllm.plugins import load_general_plugins
+
+    from tests.vllm_broken_positions import PLUGINS, write_plugin_dist
+
+    _stop_shared_engine(loop)
+    # Plugins load once per process: this one keeps the product's registration, and the variant
+    # reaches only the engine's own (spawned) processes.
+    load_general_plugins()
+    with monkeypatch.context() as patch:
+        patch.syspath_prepend(str(write_plugin_dist(tmp_path)))  # spawned processes inherit sys.path
+        patch.setenv("VLLM_PLUGINS", PLUGINS[broken])  # the variant's plugin, not the product's
+        broken_engine = _start_engine(loop, tiny_model, max_num_seqs=2)
     try:
         requests = [
             ARGenerationRequest(f"broken-t2i-{broken}", PROMPT, ImageSize(512, 512), temperature=0.0),
-            ARGenerationRequest(f"broken-i2i-{broken}", PROMPT, ImageSize(256, 256),
+            ARGenerationRequest(f"broken-i2i-{broken}", PROMPT, ImageSize(512, 384),
                                 condition_images=_condition_images((384, 256)), temperature=0.0),
         ]
         for req in requests:
@@ -286,5 +315,8 @@ def test_parity_check_fails_with_wrong_decode_positions(loop, engine, tiny_model
             assert not parity.holds(FLOAT32_TOLERANCE), (req.job_id, parity)
             # Not only the ids: the log-probabilities move far past the tolerance.
             assert parity.max_abs_diff > 10 * FLOAT32_TOLERANCE, (req.job_id, parity)
+            # Only the decode positions are broken: the first step, computed by the prefill over
+            # the prompt's positions, still agrees.
+            assert parity.step_diffs[0] <= FLOAT32_TOLERANCE, (req.job_id, parity.step_diffs[:5])
     finally:
         loop.run_until_complete(broken_engine.shutdown())

@@ -29,7 +29,8 @@ from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItems,
 
 from common.sizes import ImageSize, token_layout
 from stage_ar.scaffold import build_scaffold
-from stage_ar.vllm_model import FLAG, MRopePositions, _condition_fields, condition_grids
+from stage_ar.mrope_positions import FLAG, MRopePositions, condition_grids
+from stage_ar.vllm_model import _condition_fields
 from tests.vllm_broken_positions import LateGridLayouts, linear_delta
 
 PROMPT = "a red fox in the snow"

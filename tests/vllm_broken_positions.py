@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from vllm import ModelRegistry
 
-from stage_ar.vllm_model import DecodeLayouts, GlmImageForConditionalGeneration
+from stage_ar.mrope_positions import DecodeLayouts
+from stage_ar.vllm_model import GlmImageForConditionalGeneration
 from stage_ar.vllm_plugin import ARCHITECTURE, register
 
 # variant -> the vLLM plugin name that selects it

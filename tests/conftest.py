@@ -1,13 +1,13 @@
 """Shared fixtures (the tiny model, one healthy cluster per test process), the tiers and the parallel layout.
 
-Tiers: a test marked `slow` belongs to the full tier only; `./tests/run_tests.sh --quick` runs
-`-m "not slow"` (README, "Tests", says what each tier proves).
+Tiers: a module marked `quick` (`pytestmark = pytest.mark.quick`) belongs to the quick tier, except
+its tests marked `slow`; `./tests/run_tests.sh --quick` runs `-m "quick and not slow"`, the plain
+command everything (README, "Tests", says what each tier proves).
 
 Parallel runs (pytest-xdist, `-n 2 --dist loadscope`, as run_tests.sh does): every module is one
 group, run whole by one worker, so its module-scoped fixtures (a cluster, a vLLM engine) start
 once. Modules that share machine-wide state (network namespaces, /etc/netns, the 198.18.0.0/15
-addresses) form one group so they never run at the same time; so do the ones that each hold
-several GiB of model weights. Groups start heaviest first (GROUP_COST), so both workers finish at
+addresses) form one group so they never run at the same time. Groups start heaviest first (GROUP_COST), so both workers finish at
 about the same time. (xdist's own `loadgroup` cannot do this with pytest 9.2: the group suffix it
 writes into `item._nodeid` no longer reaches `item.nodeid`.)
 
@@ -36,8 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_GROUPS = {
     # Network namespaces, a bridge on 198.18.0.0/15 and /etc/netns/NAME/hosts.
     "netns": ("test_k8s_cluster", "test_bus_encryption", "test_bus_hardening", "test_router_discovery"),
-    # vLLM engines and the real-shape model: each holds several GiB of RAM.
-    "big-models": ("test_real_shape", "test_vllm_engine", "test_engines_e2e"),
 }
 GROUP_OF_MODULE = {module: group for group, modules in SHARED_GROUPS.items() for module in modules}
 
@@ -107,4 +105,14 @@ def cluster(tiny_model, tmp_path_factory):
     """Router + 1 AR + 1 DiT worker on the tiny model, shared by every module of this test process
     that needs only a healthy cluster: tests using it must not stop, kill or reconfigure it."""
     with Cluster(model=tiny_model, workdir=tmp_path_factory.mktemp("cluster")) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def no_dit(tiny_model, tmp_path_factory):
+    """A router with an AR worker and no DiT worker: a request fails in the DiT stage, after a
+    stream opened. Shared like `cluster`."""
+    from tests.helpers import cluster_with
+
+    with cluster_with(tiny_model, tmp_path_factory, "no-dit", {"router": {"no_worker_grace_s": 0.5}}, num_dit=0) as c:
         yield c

@@ -3,7 +3,7 @@
 # environment from the project's files, then run the suite on two processes (pytest-xdist) and
 # print the 25 slowest tests.
 #   ./tests/run_tests.sh              the whole suite (full tier)
-#   ./tests/run_tests.sh --quick      the quick tier: every test not marked `slow`
+#   ./tests/run_tests.sh --quick      the quick tier: modules marked `quick`, less tests marked `slow`
 #   ./tests/run_tests.sh ARGS...      ARGS go to pytest, e.g. tests/test_e2e.py -x, or -n 0 to run serially
 # GLM_TEST_WORKERS sets the number of pytest processes (default 2).
 set -euo pipefail
@@ -17,7 +17,7 @@ tier=()
 args=()
 for arg in "$@"; do
   case "$arg" in
-    --quick) tier=(-m "not slow") ;;
+    --quick) tier=(-m "quick and not slow") ;;
     *) args+=("$arg") ;;
   esac
 done

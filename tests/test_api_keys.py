@@ -55,7 +55,7 @@ class Launched:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.output_path = workdir / "launcher.out"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GLM_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GLM_") or k == "GLM_SERVE_VENV"}
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", GLM_SERVE_LOG_LEVEL="INFO",
                    GLM_API_KEY=",".join(ENV_KEYS))
         command = [str(ROOT / "launch" / "disagg_glm_image.sh"), "--model", str(model), "--stage-config",

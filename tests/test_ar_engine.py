@@ -17,6 +17,8 @@ from stage_ar.engine import ARGenerationRequest
 from stage_ar.scaffold import build_scaffold
 from stage_ar.transformers_engine import TransformersAREngine
 
+pytestmark = pytest.mark.quick
+
 PROMPT = 'a cat holding a sign that says "GLM"'
 
 

@@ -23,6 +23,8 @@ from harness.local_cluster import TINY_STAGE_CONFIG, Cluster, generate
 from tests.edge_app import InProcessEdge, in_process_edge
 from tests.helpers import assert_router_unhurt, chat, cluster_with, data_url, image_part, noise_png, png, png_claiming, response_image
 
+pytestmark = pytest.mark.quick
+
 MAX_UPLOAD = 256 * 1024  # bytes per condition image on this cluster
 LIMITS = load_stage_config(TINY_STAGE_CONFIG).limits  # the cluster's other limits
 GEN, EDIT, CHAT = "/v1/images/generations", "/v1/images/edits", "/v1/chat/completions"
@@ -210,11 +212,13 @@ def test_the_edge_still_serves_after_the_table(edge):
     assert edge.backend.requests[-1].prompt == OK["prompt"]
 
 
+@pytest.mark.slow  # over the wire: a cluster
 @pytest.mark.parametrize("case", WIRE_CASES, ids=[c.id for c in WIRE_CASES])
 def test_bad_request_over_the_wire(small_limits, case: Case):
     assert_4xx_naming_the_problem(send(small_limits, case), case)
 
 
+@pytest.mark.slow
 def test_still_healthy_after_the_table(small_limits):
     """Runs after the table (pytest keeps file order): nothing above hurt the server."""
     assert_router_unhurt(small_limits)

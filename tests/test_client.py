@@ -22,7 +22,7 @@ import pytest
 
 from client.generate import EXIT_REFUSED, EXIT_SERVER_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, add_arguments, build_call
 from harness.local_cluster import free_port
-from tests.helpers import cluster_with, noise_png, open_image
+from tests.helpers import noise_png, open_image
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -136,13 +136,6 @@ def test_a_refused_request_exits_4_with_the_servers_message(cluster, tmp_path):
     assert "error: the router refused the request (400): size 1000x1000 is not supported" in result.stderr
     assert "nearest valid size is 992x992" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "x.png").exists()
-
-
-@pytest.fixture(scope="module")
-def no_dit(tiny_model, tmp_path_factory):
-    """A router with an AR worker and no DiT worker: the request fails after the stream opened."""
-    with cluster_with(tiny_model, tmp_path_factory, "no-dit", {"router": {"no_worker_grace_s": 0.5}}, num_dit=0) as c:
-        yield c
 
 
 def test_an_error_event_mid_stream_exits_5(no_dit, tmp_path):

@@ -33,6 +33,8 @@ from stage_ar.mrope_positions import FLAG, MRopePositions, condition_grids
 from stage_ar.vllm_model import _condition_fields
 from tests.vllm_broken_positions import LateGridLayouts, linear_delta
 
+pytestmark = pytest.mark.quick
+
 PROMPT = "a red fox in the snow"
 
 # Text-to-image: square, wide, tall, very wide, and the largest grid (4353 tokens to generate).

@@ -19,6 +19,8 @@ from common.stage_config import load_stage_config
 from harness.local_cluster import generate
 from tests.helpers import b64_image, chat, cluster_with, data_url, image_part, noise_png, open_image
 
+pytestmark = pytest.mark.quick
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 2
 TIMEOUT = httpx.Timeout(300.0)

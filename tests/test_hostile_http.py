@@ -37,6 +37,8 @@ from router.worker_pool import WorkerPool
 from tests.edge_app import MODEL_NAME, InProcessEdge, NoWorkersBackend, edge_stage_config, in_process_edge
 from tests.raw_http import exchange, request_head
 
+pytestmark = pytest.mark.quick
+
 GEN, EDIT, CHAT = "/v1/images/generations", "/v1/images/edits", "/v1/chat/completions"
 BODY_TIMEOUT_S = 2.0
 JSON = {"content-type": "application/json"}
@@ -428,6 +430,7 @@ def rows_named(rows: list, ids: tuple[str, ...], id_of: Callable[[Any], str]) ->
     return chosen
 
 
+@pytest.mark.slow  # over the wire: a router process
 @pytest.mark.parametrize("case", rows_named(JSON_CASES, WIRE_JSON, lambda c: c.id), ids=lambda c: c.id)
 def test_hostile_json_over_the_wire(router, case: JsonCase):
     start = time.monotonic()
@@ -436,6 +439,7 @@ def test_hostile_json_over_the_wire(router, case: JsonCase):
     assert time.monotonic() - start < 5, "refusing a hostile body must be cheap"
 
 
+@pytest.mark.slow  # over the wire: a router process
 @pytest.mark.parametrize("case", rows_named(MULTIPART_CASES, WIRE_MULTIPART, lambda c: c[0]), ids=lambda c: c[0])
 def test_hostile_multipart_over_the_wire(router, case):
     _, content, headers, keywords = case
@@ -448,6 +452,7 @@ def test_hostile_multipart_over_the_wire(router, case):
 # Over the wire: HTTP framing (raw sockets: no client would send these; the uvicorn protocol decides)
 
 
+@pytest.mark.slow  # over the wire: a router process
 def test_content_length_larger_than_sent_times_out_with_408(router):
     head = request_head("POST", GEN, {"Content-Type": "application/json", "Content-Length": "1000"})
     response = exchange(router.http_port, head + b'{"prompt": "a', check_closed=5)
@@ -457,12 +462,14 @@ def test_content_length_larger_than_sent_times_out_with_408(router):
     assert response.closed
 
 
+@pytest.mark.slow  # over the wire: a router process
 def test_chunked_body_that_stalls_times_out_with_408(router):
     head = request_head("POST", GEN, {"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
     response = exchange(router.http_port, head + b"5\r\n{\"pro\r\n", check_closed=5)
     assert response.status == 408 and response.closed
 
 
+@pytest.mark.slow  # over the wire: a router process
 @pytest.mark.parametrize("framing,expected", [
     ({"Content-Length": "1000"}, "before the 1000 bytes of its Content-Length"),
     ({"Transfer-Encoding": "chunked"}, "before its last chunk"),
@@ -475,6 +482,7 @@ def test_body_cut_off_by_the_client_is_a_400(router, framing, expected):
     assert response.seconds < 2  # at once, not at the deadline
 
 
+@pytest.mark.slow  # over the wire: a router process
 @pytest.mark.parametrize("raw", [
     request_head("POST", GEN, {"Content-Length": "abc"}),
     request_head("POST", GEN, {"Content-Length": "-5"}),
@@ -493,6 +501,7 @@ def test_malformed_http_is_a_json_400(router, raw):
     assert response.closed
 
 
+@pytest.mark.slow  # over the wire: a router process
 def test_declared_body_over_the_limit_is_413_at_once(router):
     head = request_head("POST", GEN, {"Content-Type": "application/json", "Content-Length": str(10**12)})
     response = exchange(router.http_port, head, check_closed=5)  # nothing of the body is ever sent
@@ -500,6 +509,7 @@ def test_declared_body_over_the_limit_is_413_at_once(router):
     assert response.seconds < 1 and response.closed
 
 
+@pytest.mark.slow  # over the wire: a router process
 def test_headers_over_32_kib_are_a_431(router):
     response = exchange(router.http_port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n",
                         check_closed=5)
@@ -514,6 +524,7 @@ def test_headers_over_32_kib_are_a_431(router):
     assert response.status == 431 and response.seconds < 2 and response.closed
 
 
+@pytest.mark.slow  # over the wire: a router process
 def test_router_still_serves_after_all_of_it(router):
     """Runs last (pytest keeps file order): no 5xx, nothing unhandled, and requests still served."""
     assert router.procs["router"].alive(), router.logs_tail()

@@ -18,7 +18,6 @@ import io
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import httpx
 import pytest
 import yaml
 
+from harness.local_cluster import free_port
 from launch.supervisor import (
     CrashHistory,
     LaunchOptions,
@@ -49,12 +49,6 @@ TINY_BUS = yaml.safe_load(TINY_STAGE_CONFIG.read_text())["bus"]
 STARTUP_FAILURE_BOUND_S = 30.0
 READY_BOUND_S = 180.0
 RECOVERY_BOUND_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def generate(url: str, seed: int, size: str = "256x256", steps: int = 1, timeout: float = 180.0) -> httpx.Response:

@@ -27,6 +27,8 @@ from common.protocol import (
 from common.sizes import ImageSize
 from tests.helpers import GARBAGE
 
+pytestmark = pytest.mark.quick
+
 
 def _original(**kw):
     base = dict(prompt="a cat", height=512, width=1024, seed=3, num_inference_steps=4, guidance_scale=1.5)

@@ -25,6 +25,8 @@ from router.schemas import (
 )
 from tests.helpers import chat, data_url, noise_png, open_image, png, png_claiming
 
+pytestmark = pytest.mark.quick
+
 LIMITS = Limits()
 
 

@@ -9,6 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.quick
+
 ROOT = Path(__file__).resolve().parent.parent
 LOCK_ERROR = "E: Could not get lock /var/lib/apt/lists/lock. It is held by process 4242 (apt-get)"
 

@@ -4,6 +4,8 @@ import pytest
 
 from common.sizes import Grid, ImageSize, InvalidSize, SizeLimits, check_size, nearest_valid_size, size_problem, token_layout
 
+pytestmark = pytest.mark.quick
+
 LIMITS = SizeLimits()
 
 

@@ -7,6 +7,8 @@ import yaml
 
 from common.stage_config import StageConfigError, load_stage_config
 
+pytestmark = pytest.mark.quick
+
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "stage_configs").glob("*.yaml"))
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 from common.stage_config import load_stage_config
 from harness.local_cluster import generate
 from router.orchestrator import preview_steps
-from tests.helpers import cluster_with, metric, noise_png, open_image
+from tests.helpers import metric, noise_png, open_image
 
 PROMPT = 'a lighthouse, "GLM" painted on it'
 
@@ -175,13 +175,6 @@ def test_closing_the_stream_cancels_the_denoising(cluster):
     cluster.wait_for_log("dit-0", r"job \S+\.dit\.\d+ cancelled after", timeout=30, start=start)
     # The worker is free again: the next request is served.
     assert generate(cluster.url, seed=1, prompt=PROMPT, size="256x256", steps=1).status_code == 200
-
-
-@pytest.fixture(scope="module")
-def no_dit(tiny_model, tmp_path_factory):
-    """A router with an AR worker and no DiT worker: the DiT stage fails after the stream opened."""
-    with cluster_with(tiny_model, tmp_path_factory, "no-dit", {"router": {"no_worker_grace_s": 0.5}}, num_dit=0) as c:
-        yield c
 
 
 def test_an_error_after_the_stream_started_is_an_error_event(no_dit):

@@ -10,6 +10,8 @@ import pytest
 
 from launch.cli import _resolve_device, build_parser
 
+pytestmark = pytest.mark.quick
+
 
 TINY_STAGE_CONFIG = Path(__file__).resolve().parent.parent / "stage_configs" / "glm_image_tiny_cpu.yaml"
 

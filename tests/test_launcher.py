@@ -41,6 +41,8 @@ from launch.supervisor import (
     plan_deployment,
 )
 
+pytestmark = pytest.mark.quick
+
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "launch" / "disagg_glm_image.sh"
 TINY_STAGE_CONFIG = ROOT / "stage_configs" / "glm_image_tiny_cpu.yaml"
@@ -216,6 +218,7 @@ def _restart_seconds(out: str, name: str) -> str:
     return f"{parse(serving.group(1)) - parse(died.group(1)):.1f}s"
 
 
+@pytest.mark.slow  # the launcher script with real processes
 def test_killed_workers_and_router_are_restarted_while_requests_succeed(launch):
     supervisor_metrics = free_port()
     launcher = launch("--num-ar", "2", "--num-dit", "2", "--supervisor-metrics-port", str(supervisor_metrics))
@@ -287,6 +290,7 @@ def test_killed_workers_and_router_are_restarted_while_requests_succeed(launch):
           f"router SIGKILL: refused in {fail_fast_s:.2f}s, serving again after {router_back_s:.1f}s")
 
 
+@pytest.mark.slow  # the launcher script with real processes
 def test_sigterm_during_a_request_finishes_it_and_exits_zero(launch):
     launcher = launch(temporary_logs=True)
     launcher.wait_for_output(r"GLM-Image is serving at", READY_BOUND_S)

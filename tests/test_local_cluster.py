@@ -8,6 +8,8 @@ import pytest
 
 from harness.local_cluster import Cluster, Proc
 
+pytestmark = pytest.mark.quick
+
 
 def gone(proc: Proc) -> bool:
     """Neither the process nor anything else in its process group is left."""

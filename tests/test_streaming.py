@@ -22,6 +22,8 @@ from harness.local_cluster import generate
 from router.orchestrator import preview_steps
 from tests.helpers import metric, noise_png, open_image
 
+pytestmark = pytest.mark.quick
+
 PROMPT = 'a lighthouse, "GLM" painted on it'
 
 

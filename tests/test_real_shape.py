@@ -117,11 +117,8 @@ def test_vllm_equals_transformers_on_real_shapes(loop, ar_engines, kind):
     engine, reference = ar_engines
     images = [open_image(noise_png(256, 256, seed=3)).convert("RGB")] if kind == "i2i" else []
     req = ARGenerationRequest(f"real-{kind}", PROMPT, SIZE, condition_images=images, temperature=0.0)
-    # vLLM decodes in its own process while this one runs the reference: both at once.
-    with ThreadPoolExecutor(1) as pool:
-        ref = pool.submit(reference_logprobs, reference, req)
-        out, logprobs = loop.run_until_complete(engine.generate_with_logprobs(req, TOP_K))
-        ref_tokens, ref_logprobs = ref.result()
+    out, logprobs = loop.run_until_complete(engine.generate_with_logprobs(req, TOP_K))
+    ref_tokens, ref_logprobs = reference_logprobs(reference, req)
     parity = compare(out.generated_token_ids, logprobs, ref_tokens, ref_logprobs)
     assert parity.tokens_equal, parity
     assert parity.max_abs_diff <= FLOAT32_TOLERANCE, parity

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -171,28 +170,21 @@ def reference_pipeline(real_shape_model, real_cluster):
 @pytest.mark.parametrize("kind", ["t2i", "i2i"])
 def test_served_image_equals_glm_image_pipeline(real_cluster, reference_pipeline, kind):
     cond = [noise_png(256, 256, seed=5)] if kind == "i2i" else []
-
-    def serve() -> httpx.Response:
-        if cond:
-            files = [("image", ("c.png", cond[0], "image/png"))]
-            form = {"prompt": PROMPT, "size": "256x256", "seed": "21", "num_inference_steps": str(STEPS)}
-            return httpx.post(f"{real_cluster.url}/v1/images/edits", data=form, files=files, timeout=600)
-        return generate(real_cluster.url, 21, prompt=PROMPT, size="256x256", steps=STEPS, timeout=600)
-
-    # The served request runs in the workers while this process computes the reference: each
-    # side decodes hundreds of tokens at the released widths, so doing both at once halves the wait.
-    with ThreadPoolExecutor(1) as pool:
-        served = pool.submit(serve)
-        expected = reference_pipeline(
-            prompt=PROMPT,
-            image=[open_image(c).convert("RGB") for c in cond] or None,
-            height=SIZE.height,
-            width=SIZE.width,
-            num_inference_steps=STEPS,
-            guidance_scale=1.5,
-            generator=torch.Generator().manual_seed(21),
-        ).images[0]
-        response = served.result()
+    expected = reference_pipeline(
+        prompt=PROMPT,
+        image=[open_image(c).convert("RGB") for c in cond] or None,
+        height=SIZE.height,
+        width=SIZE.width,
+        num_inference_steps=STEPS,
+        guidance_scale=1.5,
+        generator=torch.Generator().manual_seed(21),
+    ).images[0]
+    if cond:
+        files = [("image", ("c.png", cond[0], "image/png"))]
+        form = {"prompt": PROMPT, "size": "256x256", "seed": "21", "num_inference_steps": str(STEPS)}
+        response = httpx.post(f"{real_cluster.url}/v1/images/edits", data=form, files=files, timeout=600)
+    else:
+        response = generate(real_cluster.url, 21, prompt=PROMPT, size="256x256", steps=STEPS, timeout=600)
     assert response.status_code == 200, response.text
     got = b64_image(response.json()["data"][0]["b64_json"])
     assert got.size == expected.size

@@ -11,7 +11,8 @@ from __future__ import annotations
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
@@ -70,27 +71,42 @@ def no_server_error_but_503(ctx, response, case) -> None:
         assert "no live ar worker" in response.json()["error"]["message"]
 
 
-@schema.parametrize()
-@settings(
-    max_examples=MAX_EXAMPLES,
-    deadline=None,
-    # The same cases on every run: schemathesis 4.32 now and then crashes while generating a
-    # negative multipart case with a binary field ("ValueError: Unsupported type: 'Binary'", inside
-    # its own validity filter, before any request), which would fail CI at random on no fault of ours.
-    derandomize=True,
-    phases=[Phase.explicit, Phase.generate],
-    suppress_health_check=list(HealthCheck),
-)
-def test_api_survives_fuzzing(case, fuzz_router):
-    case.call_and_validate(
-        base_url=fuzz_router.url,
-        timeout=30,
-        # Replaced by the check above (503 is expected here). Schema-valid input may still break a
-        # deployment limit the static schema can't carry (sizes in multiples of 32, a non-blank prompt),
-        # so a 400 for it is correct; schema-invalid input must still be rejected (negative_data_rejection).
-        excluded_checks=[not_a_server_error, positive_data_acceptance],
-        additional_checks=[no_server_error_but_503],
+# One pytest test per operation, by its label. Not `schema.parametrize()`: with pytest 9 its items
+# all share one node id, and pytest-xdist, which tells tests apart by node id, ran only one of them.
+OPERATIONS = {operation.label: operation for operation in (result.ok() for result in schema.get_all_operations())}
+
+
+@pytest.mark.parametrize("label", list(OPERATIONS))
+def test_api_survives_fuzzing(label, fuzz_router):
+    operation = OPERATIONS[label]
+    # Schema-valid and schema-violating input, as schemathesis' own runner generates for this schema.
+    modes = schema.config.generation_for(operation=operation).modes
+    cases = st.one_of(*(operation.as_strategy(generation_mode=mode) for mode in modes))
+
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        # The same cases on every run: schemathesis 4.32 now and then crashes while generating a
+        # negative multipart case with a binary field ("ValueError: Unsupported type: 'Binary'", inside
+        # its own validity filter, before any request), which would fail CI at random on no fault of ours.
+        derandomize=True,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
     )
+    @given(case=cases)
+    def fuzz(case) -> None:
+        case.call_and_validate(
+            base_url=fuzz_router.url,
+            timeout=30,
+            # Replaced by the check above (503 is expected here). Schema-valid input may still break a
+            # deployment limit the static schema can't carry (sizes in multiples of 32, a non-blank prompt),
+            # so a 400 for it is correct; schema-invalid input must still be rejected (negative_data_rejection).
+            excluded_checks=[not_a_server_error, positive_data_acceptance],
+            additional_checks=[no_server_error_but_503],
+        )
+
+    fuzz()
 
 
 def test_served_schema_is_the_fuzzed_one(fuzz_router):

@@ -70,22 +70,24 @@ def write_stage_config(directory: Path, overrides: dict | None = None, name: str
     Dicts merge key by key; `stage_args` merges its list element-wise (first override into the AR
     stage, second into the DiT stage); anything else replaces the value.
     """
-    config = yaml.safe_load(base.read_text())
-
-    def merge(into, extra):
-        for key, value in extra.items():
-            if isinstance(value, dict) and isinstance(into.get(key), dict):
-                merge(into[key], value)
-            elif key == "stage_args" and isinstance(value, list):
-                for stage, stage_extra in zip(into[key], value):
-                    merge(stage, stage_extra)
-            else:
-                into[key] = value
-
-    merge(config, overrides or {})
+    config = merge_stage_overrides(yaml.safe_load(base.read_text()), overrides or {})
     path = directory / name
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def merge_stage_overrides(into: dict, extra: dict) -> dict:
+    """Deep-merge `extra` into the stage config dict `into` (in place; returned): dicts key by key,
+    `stage_args` element-wise (first into the AR stage, second into the DiT stage), the rest replaced."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge_stage_overrides(into[key], value)
+        elif key == "stage_args" and isinstance(value, list):
+            for stage, stage_extra in zip(into[key], value):
+                merge_stage_overrides(stage, stage_extra)
+        else:
+            into[key] = value
+    return into
 
 
 @dataclass

@@ -24,7 +24,7 @@ from starlette.testclient import TestClient
 
 from common.protocol import Stage
 from common.stage_config import StageConfig, load_stage_config
-from harness.local_cluster import TINY_STAGE_CONFIG
+from harness.local_cluster import TINY_STAGE_CONFIG, merge_stage_overrides
 from router.app import create_app
 from router.errors import NoLiveWorkers
 from router.image_request import EventListener, GeneratedImage, ImageBackend, ImageRequest, StageProgress
@@ -70,19 +70,7 @@ def edge_stage_config(overrides: dict | None = None) -> StageConfig:
     config = load_stage_config(TINY_STAGE_CONFIG)
     if not overrides:
         return config
-
-    def merge(into: dict, extra: dict) -> dict:
-        for key, value in extra.items():
-            if isinstance(value, dict) and isinstance(into.get(key), dict):
-                merge(into[key], value)
-            elif key == "stage_args" and isinstance(value, list):
-                for stage, stage_extra in zip(into[key], value):
-                    merge(stage, stage_extra)
-            else:
-                into[key] = value
-        return into
-
-    return StageConfig.model_validate(merge(config.model_dump(), overrides))
+    return StageConfig.model_validate(merge_stage_overrides(config.model_dump(), overrides))
 
 
 class _ErrorRecords(logging.Handler):

@@ -23,7 +23,7 @@ from common.protocol import DiTJob, OriginalPrompt
 from common.sizes import ImageSize
 from common.stage_config import DiTEngineArgs
 from model_presets.tiny_model import build_tiny_model
-from router.orchestrator import preview_steps
+from router.core.orchestrator import preview_steps
 from stage_dit.pipeline_runner import DiTPipelineRunner
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -503,7 +503,7 @@ def _stream(call: ImageCall, handler: StreamHandler) -> str | None:
             try:
                 for name, data in sse_events(response.iter_lines()):
                     handler.handle(name, data)
-            except (ValueError, KeyError, IndexError) as exc:  # not the event shapes of router/streaming.py
+            except (ValueError, KeyError, IndexError) as exc:  # not the event shapes of router/edge/streaming.py
                 raise ClientError(EXIT_SERVER_FAILED, f"the router sent an event this client cannot read: "
                                                       f"{type(exc).__name__}: {exc}") from None
             return response.headers.get("x-request-id")

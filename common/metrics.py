@@ -1,6 +1,6 @@
 """What a worker process exports over HTTP: Prometheus metrics and its /health and /ready probes.
 
-The router defines its own metrics in router/metrics.py. A worker's HTTP server runs in threads
+The router defines its own metrics in router/core/metrics.py. A worker's HTTP server runs in threads
 of its own (prometheus_client's WSGI app in a threading server), so a scrape or a probe is never
 blocked by the worker's event loop; /health is how a wedged loop becomes visible from outside.
 """

@@ -196,7 +196,7 @@ class RouterSettings(_Strict):
     # Bytes of finished images kept to answer exact repeats of requests with an explicit seed
     # (least recently used first out); 0 turns the cache off.
     result_cache_bytes: int = Field(0, ge=0)
-    # The HTTP edge against slow and hostile clients (router/http_limits.py, docs/http_security.md).
+    # The HTTP edge against slow and hostile clients (router/edge/http_limits.py, docs/http_security.md).
     # Request headers must be complete within this of the connection opening (or the previous
     # response): a browser or SDK sends them in one packet, so 10 s only ever cuts off tricklers.
     http_header_timeout_s: float = Field(10.0, gt=0)

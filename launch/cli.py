@@ -99,7 +99,7 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
 
 
 def _add_api_keys(p: argparse.ArgumentParser) -> None:
-    """The HTTP API keys (router/auth.py); the same flags on `router` and `launch`."""
+    """The HTTP API keys (router/edge/auth.py); the same flags on `router` and `launch`."""
     g = p.add_argument_group("API keys", "with any key, every /v1/* request needs 'Authorization: Bearer KEY' "
                              "(/health, /ready and the playground page stay open); keys from all sources are "
                              "accepted at once, which is how they rotate (docs/http_security.md)")
@@ -116,7 +116,7 @@ def _add_api_keys(p: argparse.ArgumentParser) -> None:
 
 def _api_key_config(args):
     """The API key sources of `args` and the environment, checked (exits with the reason when unusable)."""
-    from router.auth import ApiKeyConfig, ApiKeyError
+    from router.edge.auth import ApiKeyConfig, ApiKeyError
 
     try:
         return ApiKeyConfig.from_sources(args.api_key, args.api_key_file, os.environ, args.protect_metrics)

@@ -14,13 +14,13 @@ from prometheus_client import CollectorRegistry
 from common import defaults
 from common.bus_security import RouterCurve
 from common.stage_config import StageConfig
-from router.app import create_app
-from router.auth import ApiKeyConfig
-from router.bus import RouterBus
-from router.http_limits import ConnectionLimits, HttpLimitMetrics, ensure_open_files, protocol_factory
-from router.metrics import RouterMetrics
-from router.orchestrator import Orchestrator
-from router.worker_pool import WorkerPool
+from router.edge.app import create_app
+from router.edge.auth import ApiKeyConfig
+from router.core.bus import RouterBus
+from router.edge.http_limits import ConnectionLimits, HttpLimitMetrics, ensure_open_files, protocol_factory
+from router.core.metrics import RouterMetrics
+from router.core.orchestrator import Orchestrator
+from router.core.worker_pool import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ async def serve_router(
     api_keys: ApiKeyConfig | None = None,
 ) -> None:
     """Bind the bus (with CURVE when `curve` is given), serve HTTP until SIGINT/SIGTERM, then
-    finish in-flight requests and exit. With `api_keys`, /v1/* needs one (router/auth.py); the
-    HTTP connection limits come from `config.router` (router/http_limits.py)."""
+    finish in-flight requests and exit. With `api_keys`, /v1/* needs one (router/edge/auth.py); the
+    HTTP connection limits come from `config.router` (router/edge/http_limits.py)."""
     registry = CollectorRegistry()
     pool = WorkerPool(config.bus.peer_timeout_s)
     metrics = RouterMetrics(registry)
@@ -57,7 +57,7 @@ async def serve_router(
     limit_metrics = HttpLimitMetrics(registry)
     app = create_app(orchestrator, registry, api_keys=api_keys, limit_metrics=limit_metrics)
     settings = config.router
-    # The connection limits live in our protocol (router/http_limits.py); uvicorn's own
+    # The connection limits live in our protocol (router/edge/http_limits.py); uvicorn's own
     # limit_concurrency stays off: it counts tasks too and decides per request.
     limits = ConnectionLimits.from_settings(settings)
     limits = dataclasses.replace(limits, max_connections=ensure_open_files(limits.max_connections))

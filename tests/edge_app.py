@@ -1,6 +1,6 @@
 """The router's HTTP edge in-process, for tests of properties that live in the app, not the server.
 
-`in_process_edge()` builds the real app (`router.app.create_app`: the real middlewares, error
+`in_process_edge()` builds the real app (`router.edge.app.create_app`: the real middlewares, error
 handlers, body readers and schemas) on the real tiny stage config, around `NoWorkersBackend`, and
 drives it with Starlette's TestClient: no process, no socket, a request in a millisecond or two.
 A body that passes validation ends in the 503 a router without workers answers, naming the stage,
@@ -8,7 +8,7 @@ exactly as over the wire.
 
 What this cannot test: the connection-level limits (header deadline and size, connection cap,
 malformed HTTP framing, a Content-Length that lies, a body cut off) live in the uvicorn protocol
-(router/http_limits.py), under the app; those need a real router process.
+(router/edge/http_limits.py), under the app; those need a real router process.
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ from starlette.testclient import TestClient
 from common.protocol import Stage
 from common.stage_config import StageConfig, load_stage_config
 from harness.local_cluster import TINY_STAGE_CONFIG, merge_stage_overrides
-from router.app import create_app
-from router.errors import NoLiveWorkers
-from router.image_request import EventListener, GeneratedImage, ImageBackend, ImageRequest, StageProgress
-from router.service_discovery import ScrapeTargetGroup
+from router.edge.app import create_app
+from router.core.errors import NoLiveWorkers
+from router.core.image_request import EventListener, GeneratedImage, ImageBackend, ImageRequest, StageProgress
+from router.core.service_discovery import ScrapeTargetGroup
 
 MODEL_NAME = "glm-image-tiny"  # what harness.local_cluster's routers serve
 
 
 class NoWorkersBackend:
-    """An ImageBackend that behaves as the orchestrator (router/orchestrator.py) does while no
+    """An ImageBackend that behaves as the orchestrator (router/core/orchestrator.py) does while no
     worker has registered and `no_worker_grace_s` is 0: a request is admitted (one "queued" event
     per image), then fails at once with the 503 naming the AR stage. It keeps the requests that
     reached it, so a test can see what passed validation."""

@@ -229,6 +229,6 @@ def test_a_real_worker_started_with_another_stage_config_exits_with_the_reason(h
 ])
 def test_a_bus_reachable_from_other_machines_is_flagged(address, local):
     """The router warns at start when its unauthenticated bus listens beyond this machine."""
-    from router.bus import is_local_bind
+    from router.core.bus import is_local_bind
 
     assert is_local_bind(address) is local

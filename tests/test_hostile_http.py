@@ -6,7 +6,7 @@ message names the problem, never a 5xx, and the router keeps serving.
 Two seams. What the app decides (the JSON and multipart tables, the hypothesis-generated
 structures, values, byte mutations and multipart bodies) runs in-process against the real app
 around a backend without workers (tests/edge_app.py): a request in milliseconds. What the server
-decides under the app (framing, header limits, body deadlines: router/http_limits.py) runs over
+decides under the app (framing, header limits, body deadlines: router/edge/http_limits.py) runs over
 the wire against a real router process without workers, with a few rows of each table sent that
 way too. Either way a valid request ends in a quick 503 naming the stage, which shows it passed
 validation.
@@ -28,12 +28,12 @@ from prometheus_client import CollectorRegistry
 
 from common.sizes import ImageSize
 from harness.local_cluster import Cluster, write_stage_config
-from router.bus import RouterBus
-from router.errors import ServiceError
-from router.image_request import ImageBackend, ImageRequest
-from router.metrics import RouterMetrics
-from router.orchestrator import Orchestrator
-from router.worker_pool import WorkerPool
+from router.core.bus import RouterBus
+from router.core.errors import ServiceError
+from router.core.image_request import ImageBackend, ImageRequest
+from router.core.metrics import RouterMetrics
+from router.core.orchestrator import Orchestrator
+from router.core.worker_pool import WorkerPool
 from tests.edge_app import MODEL_NAME, InProcessEdge, NoWorkersBackend, edge_stage_config, in_process_edge
 from tests.raw_http import exchange, request_head
 

@@ -36,11 +36,11 @@ def _openapi_document() -> dict:
     from prometheus_client import CollectorRegistry
 
     from common.stage_config import load_stage_config
-    from router.app import create_app
-    from router.bus import RouterBus
-    from router.metrics import RouterMetrics
-    from router.orchestrator import Orchestrator
-    from router.worker_pool import WorkerPool
+    from router.edge.app import create_app
+    from router.core.bus import RouterBus
+    from router.core.metrics import RouterMetrics
+    from router.core.orchestrator import Orchestrator
+    from router.core.worker_pool import WorkerPool
 
     config = load_stage_config(TINY_STAGE_CONFIG)
     pool = WorkerPool(config.bus.peer_timeout_s)

@@ -14,9 +14,9 @@ from PIL import Image
 
 from common.sizes import SIZE_MULTIPLE, ImageSize
 from common.stage_config import Limits
-from router.errors import InvalidRequest, PayloadTooLarge
-from router.images import decode_base64_image, decode_data_url, load_condition_image
-from router.schemas import (
+from router.core.errors import InvalidRequest, PayloadTooLarge
+from router.edge.images import decode_base64_image, decode_data_url, load_condition_image
+from router.edge.schemas import (
     ChatCompletionRequest,
     ImageEditForm,
     ImageGenerationRequest,

@@ -13,9 +13,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from harness.local_cluster import generate, image_bytes
-from router.image_request import GeneratedImage
-from router.metrics import RouterMetrics
-from router.result_cache import ResultCache
+from router.core.image_request import GeneratedImage
+from router.core.metrics import RouterMetrics
+from router.core.result_cache import ResultCache
 from common.sizes import ImageSize
 from tests.helpers import cluster_with, metric
 

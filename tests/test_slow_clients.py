@@ -24,7 +24,7 @@ from tests.raw_http import connect, exchange, read_response, request_head
 
 HEADER_TIMEOUT_S = 2.0
 BODY_TIMEOUT_S = 3.0
-LINGER_S = 2.0  # router/http_limits.py: how long a refused connection is drained before it closes
+LINGER_S = 2.0  # router/edge/http_limits.py: how long a refused connection is drained before it closes
 MARGIN_S = 2.5  # scheduling slack on a loaded 2-core machine
 BODY_TRICKLERS, HEADER_TRICKLERS, SILENT = 500, 200, 100
 GEN = "/v1/images/generations"

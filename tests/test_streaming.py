@@ -19,7 +19,7 @@ from PIL import Image
 
 from common.stage_config import load_stage_config
 from harness.local_cluster import generate
-from router.orchestrator import preview_steps
+from router.core.orchestrator import preview_steps
 from tests.helpers import metric, noise_png, open_image
 
 pytestmark = pytest.mark.quick

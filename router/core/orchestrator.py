@@ -35,9 +35,10 @@ from common.protocol import (
 )
 from common.sizes import token_layout
 from common.stage_config import StageConfig
-from router.bus import RouterBus, WorkerLost
-from router.errors import DeadlineExceeded, InvalidRequest, NoLiveWorkers, Overloaded, StageFailed
-from router.image_request import (
+from router.core.bus import RouterBus, WorkerLost
+from router.core.errors import DeadlineExceeded, InvalidRequest, NoLiveWorkers, Overloaded, StageFailed
+from router.core.image_request import (
+    MAX_RANDOM_SEED,
     EventListener,
     GeneratedImage,
     GenerationEvent,
@@ -46,11 +47,10 @@ from router.image_request import (
     PartialImage,
     StageProgress,
 )
-from router.metrics import RouterMetrics, StageSnapshot
-from router.result_cache import ResultCache, result_key
-from router.schemas import MAX_SEED
-from router.service_discovery import ScrapeTargetGroup, scrape_target_groups
-from router.worker_pool import LOSS_REASONS, WorkerPool, WorkerState
+from router.core.metrics import RouterMetrics, StageSnapshot
+from router.core.result_cache import ResultCache, result_key
+from router.core.service_discovery import ScrapeTargetGroup, scrape_target_groups
+from router.core.worker_pool import LOSS_REASONS, WorkerPool, WorkerState
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class Orchestrator:
         default = self.config.ar.default_sampling_params.seed
         if default is not None:
             return default
-        return secrets.randbelow(MAX_SEED - request.n + 2)
+        return secrets.randbelow(MAX_RANDOM_SEED - request.n + 2)
 
     def _admit(self, request: ImageRequest) -> None:
         """Queue up to the configured bound beyond the live AR capacity, then refuse with Retry-After."""

@@ -2,7 +2,7 @@
 
 FastAPI's body parameters are not used so that a body over the limit is a 413
 before it is all in memory, a wrong content type is a 415, broken or hostile
-JSON says so (`router.safe_json`), a body that does not arrive in time is a 408
+JSON says so (`router.edge.safe_json`), a body that does not arrive in time is a 408
 (`BodyDeadlineMiddleware`), and validation errors are one readable 400 instead
 of a 422 dump.
 """
@@ -23,15 +23,15 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.stage_config import Limits
-from router.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
-from router.safe_json import parse_json_body
+from router.core.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from router.edge.safe_json import parse_json_body
 
 _MAX_FORM_FIELDS = 64
 _MAX_PART_HEADER_BYTES = 8 * 1024  # all the headers of one multipart part (a browser sends ~150 bytes)
 _MAX_BOUNDARY_CHARS = 70  # RFC 2046
 _BOUNDARY = re.compile(rb"^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]$")  # RFC 2046 bchars
 _PARSE_OFF_LOOP_BYTES = 1 << 20  # bigger JSON bodies are parsed in a thread: ~5 ms per MB
-# Set in the request's scope["state"] by the HTTP protocol (router/http_limits.py) when the client
+# Set in the request's scope["state"] by the HTTP protocol (router/edge/http_limits.py) when the client
 # closed its side before the body it announced was complete: the body is then refused, not read short.
 BODY_TRUNCATED = "body_truncated"
 
@@ -82,7 +82,7 @@ async def _limited_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
 
 async def read_json_body(request: Request, limit: int) -> Any:
     """The parsed JSON body: 415 for another content type or charset, 413 over `limit`, 400 if it
-    is not JSON or its structure is hostile (`router.safe_json`), 408 if it comes too slowly."""
+    is not JSON or its structure is hostile (`router.edge.safe_json`), 408 if it comes too slowly."""
     media = media_type(request)
     # A missing Content-Type is read as JSON (curl --data-binary); anything else must say JSON.
     if media and media != "application/json" and not media.endswith("+json"):

@@ -49,8 +49,8 @@ from common.protocol import (
     encode,
 )
 from common.stage_config import BusConfig
-from router.metrics import RouterMetrics
-from router.worker_pool import WorkerPool, WorkerState
+from router.core.metrics import RouterMetrics
+from router.core.worker_pool import WorkerPool, WorkerState
 
 logger = logging.getLogger(__name__)
 

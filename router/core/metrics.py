@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 
 from common.metrics import LATENCY_BUCKETS
 from common.protocol import Stage
-from router.worker_pool import LOSS_REASONS
+from router.core.worker_pool import LOSS_REASONS
 
 # Label values known up front are exported at 0 from the start, so that a rate or a ratio over
 # them is a series (0) rather than nothing until the first event (Prometheus best practice).
@@ -83,7 +83,7 @@ class _StageCollector(Collector):
 
 
 class RouterMetrics:
-    """The router's own families (the HTTP edge's are in router/http_metrics.py)."""
+    """The router's own families (the HTTP edge's are in router/edge/http_metrics.py)."""
 
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry

@@ -19,8 +19,8 @@ from starlette.requests import Request
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from router.errors import error_response
-from router.http_metrics import HttpMetrics
+from router.core.errors import error_response
+from router.edge.http_metrics import HttpMetrics
 
 logger = logging.getLogger(__name__)
 

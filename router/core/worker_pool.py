@@ -46,7 +46,7 @@ class WorkerPool:
         self.workers: dict[str, WorkerState] = {}
         self._picks = itertools.count(1)
         # Churn since start, per stage (and reason): exported as counters at scrape time
-        # (router/metrics.py), so a worker that keeps dropping out and coming back shows.
+        # (router/core/metrics.py), so a worker that keeps dropping out and coming back shows.
         self.registrations: Counter[Stage] = Counter()
         self.losses: Counter[tuple[Stage, LossReason]] = Counter()
 

@@ -9,7 +9,7 @@ from typing import TypeVar
 from starlette.requests import Request
 from starlette.types import Receive
 
-from router.errors import ServiceError
+from router.core.errors import ServiceError
 
 T = TypeVar("T")
 

@@ -9,7 +9,13 @@ from typing import Callable, Literal, Protocol, Union
 from common.image_formats import OutputFormat
 from common.sizes import ImageSize
 from common.stage_config import StageConfig
-from router.service_discovery import ScrapeTargetGroup
+from router.core.service_discovery import ScrapeTargetGroup
+
+# torch.manual_seed takes 64-bit seeds, so clients may send any seed up to this (seed + n - 1 too).
+MAX_SEED = 2**63 - 1
+# Seeds the router draws stay below 2^53: JavaScript, jq and every float64 JSON reader hold them exactly,
+# so a seed shown to a user reproduces the image when sent back.
+MAX_RANDOM_SEED = 2**53 - 1
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from collections import OrderedDict
 from dataclasses import replace
 
 from common.protocol import OriginalPrompt
-from router.image_request import GeneratedImage
-from router.metrics import RouterMetrics
+from router.core.image_request import GeneratedImage
+from router.core.metrics import RouterMetrics
 
 
 def result_key(original: OriginalPrompt, ar_temperature: float, ar_top_p: float, ar_top_k: int,

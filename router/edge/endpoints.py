@@ -11,7 +11,7 @@ into an `ImageRequest` (sizes resolved here, an omitted size becoming the
 default so it travels exactly like an explicit one; condition images decoded,
 bomb-checked and resized to valid sizes), run it through the backend while
 watching for the client to leave (`_serve`), and render one response kind
-(`router.responses`). Inside, the orchestrator trusts the `ImageRequest`.
+(`router.edge.responses`). Inside, the orchestrator trusts the `ImageRequest`.
 """
 
 from __future__ import annotations
@@ -26,16 +26,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
 from common.sizes import ImageSize
-from router.disconnect import ClientDisconnected, run_until_disconnect
-from router.errors import InvalidRequest, NotFound
-from router.http_body import max_body_bytes, multipart_form, read_json_body, split_edit_form
-from router.image_request import GeneratedImage, ImageBackend, ImageRequest
-from router.images import ConditionImage, check_upload_size, decode_data_url, load_condition_image
-from router.openapi import STREAMING_RESPONSES, json_body, multipart_body
-from router.request_context import STATUS_CLIENT_CLOSED, client_request_id, log_tag, request_id
-from router.http_metrics import HttpMetrics
-from router.responses import chat_completion_response, images_response
-from router.streaming import (
+from router.edge.disconnect import ClientDisconnected, run_until_disconnect
+from router.core.errors import InvalidRequest, NotFound
+from router.edge.http_body import max_body_bytes, multipart_form, read_json_body, split_edit_form
+from router.core.image_request import GeneratedImage, ImageBackend, ImageRequest
+from router.edge.images import ConditionImage, check_upload_size, decode_data_url, load_condition_image
+from router.edge.openapi import STREAMING_RESPONSES, json_body, multipart_body
+from router.edge.request_context import STATUS_CLIENT_CLOSED, client_request_id, log_tag, request_id
+from router.edge.http_metrics import HttpMetrics
+from router.edge.responses import chat_completion_response, images_response
+from router.edge.streaming import (
     CHAT_DONE,
     EventStreamResponse,
     Generation,
@@ -43,7 +43,7 @@ from router.streaming import (
     chat_chunk_renderer,
     image_event_renderer,
 )
-from router.schemas import (
+from router.edge.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ImageEditForm,
@@ -160,7 +160,7 @@ class ImageAPI:
 
     async def metrics_targets(self) -> Response:
         """Prometheus HTTP service discovery: a target group per worker that serves metrics
-        (router/service_discovery.py); point `http_sd_configs` here."""
+        (router/core/service_discovery.py); point `http_sd_configs` here."""
         groups = self.backend.metrics_targets()
         return JSONResponse([group.model_dump() for group in groups], headers={"Cache-Control": "no-store"})
 

@@ -30,12 +30,11 @@ from pydantic_core import PydanticCustomError
 from common.image_formats import OutputFormat
 from common.sizes import ImageSize, InvalidSize, check_size
 from common.stage_config import Limits
-from router.errors import InvalidRequest
+from router.core.errors import InvalidRequest
+from router.core.image_request import MAX_SEED
 
 M = TypeVar("M", bound=BaseModel)
 
-# torch.manual_seed takes 64-bit seeds; seed + n - 1 must stay in range too.
-MAX_SEED = 2**63 - 1
 
 NEGATIVE_PROMPT_DOC = (
     "Accepted for compatibility with other image APIs and passed through unchanged. "

@@ -1,6 +1,6 @@
 """The web playground: one static page at `GET /` that drives the public image API.
 
-The page (`router/static/playground.{html,css,js}`, package data, no build step, no CDN)
+The page (`router/edge/static/playground.{html,css,js}`, package data, no build step, no CDN)
 asks `GET /playground/limits` for this deployment's limits and defaults, then calls
 `POST /v1/images/generations` (or `/v1/images/edits` with condition images) with
 `stream: true` and `stream_progress: true`, like any other client. Nothing here
@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from starlette.responses import JSONResponse, Response
 
 from common.sizes import SIZE_MULTIPLE, ImageSize, size_problem
-from router.image_request import ImageBackend
+from router.core.image_request import ImageBackend
 
 # The page loads only its own files and talks only to this origin; the images it shows (and
 # offers for download) are blob: URLs made from the base64 in the events.
@@ -38,7 +38,7 @@ MAX_PARTIAL_IMAGES = 3  # OpenAI's bound on `partial_images`
 
 
 def _asset(name: str) -> str:
-    return resources.files("router").joinpath("static", name).read_text(encoding="utf-8")
+    return resources.files("router.edge").joinpath("static", name).read_text(encoding="utf-8")
 
 
 def playground_limits(backend: ImageBackend) -> dict[str, Any]:

@@ -35,8 +35,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from router.errors import error_response
-from router.request_context import scope_log_tag
+from router.core.errors import error_response
+from router.edge.request_context import scope_log_tag
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Exception handlers: every HTTP failure in OpenAI's error shape (`router.errors.error_response`)."""
+"""Exception handlers: every HTTP failure in OpenAI's error shape (`router.core.errors.error_response`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from router.errors import ServiceError, error_response
-from router.request_context import STATUS_CLIENT_CLOSED, log_tag
+from router.core.errors import ServiceError, error_response
+from router.edge.request_context import STATUS_CLIENT_CLOSED, log_tag
 
 logger = logging.getLogger(__name__)
 

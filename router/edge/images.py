@@ -28,7 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from common.sizes import ImageSize, nearest_valid_size
 from common.stage_config import Limits
-from router.errors import InvalidRequest, PayloadTooLarge
+from router.core.errors import InvalidRequest, PayloadTooLarge
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from router.errors import InvalidRequest
+from router.core.errors import InvalidRequest
 
 
 @dataclass(frozen=True)

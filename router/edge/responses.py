@@ -15,8 +15,8 @@ from typing import Any
 from starlette.responses import JSONResponse
 
 from common.image_formats import media_type
-from router.image_request import GeneratedImage, ImageRequest
-from router.schemas import (
+from router.core.image_request import GeneratedImage, ImageRequest
+from router.edge.schemas import (
     ChatChoice,
     ChatCompletionResponse,
     ChatResponseImagePart,

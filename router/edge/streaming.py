@@ -29,10 +29,10 @@ from starlette.types import Receive, Scope, Send
 
 from common.image_formats import media_type
 from common.sizes import token_layout
-from router.disconnect import wait_for_disconnect
-from router.errors import ServiceError
-from router.http_metrics import HttpMetrics
-from router.image_request import (
+from router.edge.disconnect import wait_for_disconnect
+from router.core.errors import ServiceError
+from router.edge.http_metrics import HttpMetrics
+from router.core.image_request import (
     GenerationEvent,
     ImageBackend,
     ImageFinished,
@@ -40,7 +40,7 @@ from router.image_request import (
     PartialImage,
     StageProgress,
 )
-from router.responses import stage_sizes
+from router.edge.responses import stage_sizes
 
 logger = logging.getLogger(__name__)
 

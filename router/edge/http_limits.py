@@ -22,10 +22,10 @@ instead:
   ends the connection: the server half-closes, discards what still arrives for `linger_s` (so
   the client reads the response instead of a reset), then closes.
 - **truncated bodies**: a client that closes its side before the body it announced is complete
-  gets a 400 saying so (`router.http_body.BODY_TRUNCATED`), not a short body read as whole.
+  gets a 400 saying so (`router.edge.http_body.BODY_TRUNCATED`), not a short body read as whole.
 
 The body deadline (the whole body within N s of the headers) is an ASGI middleware:
-`router.http_body.BodyDeadlineMiddleware`.
+`router.edge.http_body.BodyDeadlineMiddleware`.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from common.stage_config import RouterSettings
-from router.errors import error_body, error_response
-from router.http_body import BODY_TRUNCATED
+from router.core.errors import error_body, error_response
+from router.edge.http_body import BODY_TRUNCATED
 
 logger = logging.getLogger(__name__)
 

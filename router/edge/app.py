@@ -21,17 +21,17 @@ from __future__ import annotations
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from router.auth import ApiKeyConfig, ApiKeyMiddleware, ApiKeys, AuthMetrics
-from router.endpoints import ImageAPI, add_routes
-from router.http_body import BodyDeadlineMiddleware
-from router.http_errors import install_error_handlers
-from router.http_limits import HttpLimitMetrics
-from router.http_metrics import HttpMetrics
-from router.image_request import ImageBackend
-from router.openapi import install_openapi
-from router.playground import add_playground_routes
-from router.request_context import RequestContextMiddleware
-from router.schemas import ChatCompletionRequest, ImageGenerationRequest, resolve_size
+from router.edge.auth import ApiKeyConfig, ApiKeyMiddleware, ApiKeys, AuthMetrics
+from router.edge.endpoints import ImageAPI, add_routes
+from router.edge.http_body import BodyDeadlineMiddleware
+from router.edge.http_errors import install_error_handlers
+from router.edge.http_limits import HttpLimitMetrics
+from router.edge.http_metrics import HttpMetrics
+from router.core.image_request import ImageBackend
+from router.edge.openapi import install_openapi
+from router.edge.playground import add_playground_routes
+from router.edge.request_context import RequestContextMiddleware
+from router.edge.schemas import ChatCompletionRequest, ImageGenerationRequest, resolve_size
 
 
 def create_app(backend: ImageBackend, registry: CollectorRegistry, api_keys: ApiKeyConfig | None = None,
@@ -39,7 +39,7 @@ def create_app(backend: ImageBackend, registry: CollectorRegistry, api_keys: Api
     """Build the router's FastAPI app around `backend`, exposing `registry` at /metrics.
 
     With `api_keys`, /v1/* (and /metrics with `protect_metrics`) need one of them. `limit_metrics`
-    are the connection limits' metrics when the server made them (router/http_limits.py).
+    are the connection limits' metrics when the server made them (router/edge/http_limits.py).
     Fails at once if the configured default size is not a valid size, or a key file is unreadable.
     """
     resolve_size(None, backend.config.limits)  # an invalid default_size is a config error: fail at startup
@@ -59,6 +59,6 @@ def create_app(backend: ImageBackend, registry: CollectorRegistry, api_keys: Api
         app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(api_keys), metrics=AuthMetrics(registry))
     app.add_middleware(RequestContextMiddleware, metrics=http_metrics, routes=lambda: app.routes)
     add_routes(app, ImageAPI(backend, registry, http_metrics))
-    add_playground_routes(app, backend)  # the web playground at GET / (router/playground.py)
+    add_playground_routes(app, backend)  # the web playground at GET / (router/edge/playground.py)
     install_openapi(app, [ImageGenerationRequest, ChatCompletionRequest])
     return app

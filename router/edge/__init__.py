@@ -1,0 +1,1 @@
+"""The router's HTTP edge: endpoints, bodies, limits, auth, streaming and responses."""

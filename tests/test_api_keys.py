@@ -4,12 +4,17 @@ valid key, in OpenAI's error shape, before the body is read; /health, /ready, /m
 playground open; the `openai` SDK, the CLI client and the playground with and without the right
 key; key file rotation without a restart; --protect-metrics; bad key configuration refused at
 start; and no key on any command line or in any log.
+
+Key policies (a key file line's `name=`, `tier=`, `max_images=`) are tested in-process (quick tier):
+the file's syntax and its errors, and the policy of the key used reaching the ImageRequest the
+endpoints build (tests/test_router_http_parsing.py's `recording_edge`).
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import logging
 import os
 import re
 import signal
@@ -26,8 +31,12 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from harness.local_cluster import TINY_STAGE_CONFIG, Cluster, free_port, write_stage_config
+from router.core.errors import TenantOverLimit
+from router.edge import auth
+from router.edge.auth import ApiKeyConfig, ApiKeyError, ApiKeys, KeyPolicy, default_key_name, read_key_file
 from tests.raw_http import exchange, request_head
 from tests.test_playground import browser, fill_form, javascript_errors, open_playground, wait_for_final_image  # noqa: F401
+from tests.test_router_http_parsing import post_with_tier, recording_edge
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAG_KEY = "sk-flag-0123456789abcdef0123456789"
@@ -358,3 +367,139 @@ def test_bad_key_configuration_fails_at_start(tmp_path, command, args, env, mess
     assert message in done.stderr, done.stderr[-2000:]
     for key in ("has space", "bad key"):
         assert key not in done.stderr  # the reason, never the key
+
+
+# ---------------------------------------------------------------------------
+# Key policies: `KEY name=alice tier=flex max_images=4` in the key file (in-process, quick)
+
+ALICE, BOB, CAROL = "sk-alice-0123456789abcdef012345", "sk-bob-0123456789abcdef01234567", "sk-carol-0123456789abcdef0123456"
+
+
+def key_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "api-keys"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.quick
+class TestKeyFileAttributes:
+    def test_attributes_and_defaults(self, tmp_path):
+        path = key_file(tmp_path, f"# tenants\n\n{ALICE} name=alice tier=flex max_images=4\n"
+                                  f"  {BOB}\ttier=priority  \n{CAROL}\n   # indented comment\n")
+        entries = read_key_file(path)
+        assert [entry.key for entry in entries] == [ALICE, BOB, CAROL]
+        assert entries[0].policy == KeyPolicy("alice", "flex", 4)
+        assert entries[1].policy == KeyPolicy(default_key_name(BOB), "priority", None)
+        assert entries[2].policy == KeyPolicy(default_key_name(CAROL))
+
+    def test_default_name_is_stable_and_says_nothing_of_the_key(self):
+        name = default_key_name(ALICE)
+        assert name == default_key_name(ALICE) != default_key_name(BOB)
+        assert re.fullmatch(r"key-[0-9a-f]{8}", name) and name[4:] not in ALICE
+
+    def test_keys_of_one_name_share_it(self, tmp_path):
+        # Rotation: an old and a new key of the same tenant, with the same policy.
+        path = key_file(tmp_path, f"{ALICE} name=alice max_images=2\n{BOB} name=alice max_images=2\n")
+        assert {entry.policy for entry in read_key_file(path)} == {KeyPolicy("alice", None, 2)}
+
+    @pytest.mark.parametrize("attributes,message", [
+        ("color=blue", "unknown attribute 'color' (known: name, tier, max_images)"),
+        ("tier=auto", "attribute 'tier' must be one of priority, default, flex"),
+        ("tier=fast", "attribute 'tier' must be one of priority, default, flex"),
+        ("max_images=0", "attribute 'max_images' must be a whole number of at least 1"),
+        ("max_images=-2", "attribute 'max_images' must be a whole number of at least 1"),
+        ("max_images=2.5", "attribute 'max_images' must be a whole number of at least 1"),
+        ("max_images=", "attribute 'max_images' must be a whole number of at least 1"),
+        ("name=", "attribute 'name' must be 1 to 64 letters, digits"),
+        ("name=al/ice", "attribute 'name' must be 1 to 64 letters, digits"),
+        (f"name={'a' * 65}", "attribute 'name' must be 1 to 64 letters, digits"),
+        ("name=a name=b", "attribute 'name' is given twice"),
+        ("rest-of-the-key", "word 2 is not an attribute"),
+        ("tier", "word 2 is not an attribute"),
+    ])
+    def test_bad_attributes_name_file_line_and_attribute_never_the_key(self, tmp_path, attributes, message):
+        path = key_file(tmp_path, f"# keys\n{BOB}\n{ALICE} {attributes}\n")
+        with pytest.raises(ApiKeyError) as refused:
+            read_key_file(path)
+        assert str(refused.value).startswith(f"{path} line 3: ")
+        assert message in str(refused.value)
+        assert ALICE not in str(refused.value) and ALICE[3:12] not in str(refused.value)
+        # The router refuses to start with it.
+        with pytest.raises(ApiKeyError, match="line 3"):
+            ApiKeyConfig.from_sources(key_file=str(path), environ={})
+
+    @pytest.mark.parametrize("text,message", [
+        (f"{ALICE}\n{ALICE} name=alice\n", "line 2: the same key as line 1"),
+        (f"{ALICE} name=a max_images=1\n{BOB} name=a max_images=2\n", "line 2: name 'a' has another tier or max_images"),
+        ("name=alice tier=flex\n", "line 1: the line starts with an attribute; the key comes first"),
+    ])
+    def test_ambiguous_files(self, tmp_path, text, message):
+        with pytest.raises(ApiKeyError, match=message) as refused:
+            read_key_file(key_file(tmp_path, text))
+        assert ALICE not in str(refused.value)
+
+
+@pytest.mark.quick
+class TestKeyPolicyReachesTheRequest:
+    def test_the_policy_of_the_key_used(self, tmp_path):
+        path = key_file(tmp_path, f"{ALICE} name=alice tier=flex max_images=4\n{BOB} name=bob\n")
+        config = ApiKeyConfig.from_sources([CAROL], str(path), environ={})
+        with recording_edge(config) as (client, backend):
+            for path_ in (GEN, EDIT, CHAT):
+                for key, sent, expected in [
+                    (ALICE, None, ("flex", "alice", 4)), (ALICE, "auto", ("flex", "alice", 4)),
+                    (ALICE, "priority", ("priority", "alice", 4)),  # an explicit tier wins over the key's
+                    (BOB, "auto", ("default", "bob", None)),  # a key without a tier: "default"
+                    (CAROL, "flex", ("flex", default_key_name(CAROL), None)),  # a --api-key key: its default name
+                ]:
+                    response = post_with_tier(client, path_, sent, headers=bearer(key))
+                    assert response.status_code == 200, response.text
+                    request = backend.requests[-1]
+                    assert (request.service_tier, request.tenant, request.tenant_max_images) == expected
+                    assert response.json()["service_tier"] == expected[0]
+            assert post_with_tier(client, GEN, "flex", headers=bearer(WRONG_KEY)).status_code == 401
+
+    def test_a_file_key_also_given_by_flag_has_the_files_policy(self, tmp_path):
+        config = ApiKeyConfig.from_sources([ALICE], str(key_file(tmp_path, f"{ALICE} name=alice max_images=3\n")),
+                                           environ={"GLM_API_KEY": ALICE})
+        assert ApiKeys(config).match(ALICE) == KeyPolicy("alice", None, 3)
+        assert ApiKeys(config).match(BOB) is None
+
+    def test_the_tenant_cap_refusal_is_openais_rate_limit(self, tmp_path):
+        config = ApiKeyConfig.from_sources(key_file=str(key_file(tmp_path, f"{ALICE} name=alice max_images=1\n")),
+                                           environ={})
+        refusal = TenantOverLimit("this API key (alice) already has 1 image(s) in flight and may have at most 1",
+                                  retry_after_s=2.5)
+        with recording_edge(config, error=refusal) as (client, backend):
+            for path_ in (GEN, EDIT, CHAT):
+                for stream in (False, True):
+                    response = post_with_tier(client, path_, headers=bearer(ALICE), stream=stream)
+                    assert response.status_code == 429, response.text
+                    assert response.headers["retry-after"] == "3"
+                    assert response.json() == {"error": {"message": refusal.message, "type": "requests",
+                                                         "param": None, "code": "rate_limit_exceeded"}}
+            assert {(r.tenant, r.tenant_max_images) for r in backend.requests} == {("alice", 1)}
+
+    def test_a_changed_file_brings_its_new_policies(self, tmp_path, monkeypatch, caplog):
+        monkeypatch.setattr(auth, "_RELOAD_CHECK_S", 0.0)
+        path = key_file(tmp_path, f"{ALICE} name=alice tier=flex\n")
+        keys = ApiKeys(ApiKeyConfig.from_sources(key_file=str(path), environ={}))
+        assert keys.match(ALICE) == KeyPolicy("alice", "flex")
+        path.write_text(f"{ALICE} name=alice tier=priority max_images=8\n{BOB} name=bob-2\n")
+        assert keys.match(ALICE) == KeyPolicy("alice", "priority", 8)
+        assert keys.match(BOB) == KeyPolicy("bob-2")
+        # A broken update keeps the policies read before, loudly, without the key.
+        with caplog.at_level(logging.INFO, logger="router"):
+            path.write_text(f"{ALICE} name=alice tier=urgent\n{BOB}\n")
+            assert keys.match(ALICE) == KeyPolicy("alice", "priority", 8)
+        assert "line 1: attribute 'tier' must be one of" in caplog.text and "keeping the 2 key(s)" in caplog.text
+        assert ALICE not in caplog.text and BOB not in caplog.text
+
+    def test_logs_name_the_tenant_never_the_key(self, tmp_path, caplog):
+        config = ApiKeyConfig.from_sources(key_file=str(key_file(tmp_path, f"{ALICE} name=alice tier=flex\n")),
+                                           environ={})
+        with caplog.at_level(logging.INFO, logger="router"), recording_edge(config) as (client, _):
+            assert post_with_tier(client, GEN, headers=bearer(ALICE)).status_code == 200
+            assert post_with_tier(client, GEN, headers=bearer(WRONG_KEY)).status_code == 401
+        assert "tier=flex tenant=alice" in caplog.text
+        assert ALICE not in caplog.text and WRONG_KEY not in caplog.text

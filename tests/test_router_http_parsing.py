@@ -1,20 +1,37 @@
-"""Fast tests of the HTTP edge's parsing: request schemas, size resolution and condition images.
+"""Fast tests of the HTTP edge's parsing: request schemas, size resolution, condition images and
+the service tier.
 
 No server: the functions the endpoints call are exercised directly, on real
-Pillow images.
+Pillow images; the service tier also through the real app in-process (`recording_edge`), around a
+backend that records the ImageRequest each endpoint builds.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from PIL import Image
+from prometheus_client import CollectorRegistry
+from starlette.testclient import TestClient
 
 from common.sizes import SIZE_MULTIPLE, ImageSize
-from common.stage_config import Limits
-from router.core.errors import InvalidRequest, PayloadTooLarge
+from common.stage_config import Limits, StageConfig
+from router.core.errors import InvalidRequest, PayloadTooLarge, ServiceError
+from router.core.image_request import (
+    EventListener,
+    GeneratedImage,
+    ImageBackend,
+    ImageFinished,
+    ImageRequest,
+    StageProgress,
+)
+from router.edge.app import create_app
+from router.edge.auth import ApiKeyConfig
 from router.edge.images import decode_base64_image, decode_data_url, load_condition_image
 from router.edge.schemas import (
     ChatCompletionRequest,
@@ -23,6 +40,7 @@ from router.edge.schemas import (
     parse_body,
     resolve_size,
 )
+from tests.edge_app import NoWorkersBackend, edge_stage_config
 from tests.helpers import chat, data_url, noise_png, open_image, png, png_claiming
 
 pytestmark = pytest.mark.quick
@@ -364,3 +382,113 @@ class TestConditionImages:
         raw = decode_data_url(data_url(png(640, 480)), LIMITS, "image_url[0]")
         cond = load_condition_image(raw, LIMITS, "image_url[0]")
         assert cond.size == ImageSize(640, 480)
+
+
+# ---------------------------------------------------------------------------
+# service_tier: OpenAI's field on every endpoint, into ImageRequest.service_tier
+
+
+class RecordingBackend(NoWorkersBackend):
+    """Keeps each ImageRequest an endpoint built (`requests`), then fails with `error` when one is
+    set, else answers n tiny fake images: enough for the edge's parsing and responses."""
+
+    def __init__(self, config: StageConfig, error: ServiceError | None = None):
+        super().__init__(config)
+        self.error = error
+
+    async def generate(self, request: ImageRequest, listener: EventListener | None = None) -> list[GeneratedImage]:
+        self.requests.append(request)
+        if self.error is not None:
+            raise self.error
+        images = [GeneratedImage(png(32, 32), "png", (request.seed or 0) + i, request.size, {"total_s": 0.0},
+                                 {"ar": request.size, "dit": request.size}) for i in range(request.n)]
+        for i, image in enumerate(images):
+            if listener is not None:
+                listener(StageProgress(i, "queued", position=i))
+                listener(ImageFinished(i, image))
+        return images
+
+
+@contextmanager
+def recording_edge(api_keys: ApiKeyConfig | None = None,
+                   error: ServiceError | None = None) -> Iterator[tuple[TestClient, RecordingBackend]]:
+    """The real app (middlewares, API keys when given, schemas, endpoints) around a RecordingBackend."""
+    backend = RecordingBackend(edge_stage_config(), error)
+    typed: ImageBackend = backend
+    with TestClient(create_app(typed, CollectorRegistry(), api_keys=api_keys)) as client:
+        yield client, backend
+
+
+GEN, EDIT, CHAT = "/v1/images/generations", "/v1/images/edits", "/v1/chat/completions"
+
+
+def post_with_tier(client: TestClient, path: str, tier: object = None, headers: dict | None = None, **body):
+    """A minimal valid request to `path` with `service_tier` (left out when None)."""
+    fields: dict = {"prompt": "a cat", "size": "256x256", **body}
+    if tier is not None:
+        fields["service_tier"] = tier
+    if path == EDIT:
+        return client.post(path, files=[("image", ("a.png", png(64, 64), "image/png"))],
+                           data={k: str(v) for k, v in fields.items()}, headers=headers)
+    if path == CHAT:
+        prompt = fields.pop("prompt")
+        return client.post(path, json=chat(prompt, **fields), headers=headers)
+    return client.post(path, json=fields, headers=headers)
+
+
+class TestServiceTier:
+    @pytest.mark.parametrize("model", [ImageGenerationRequest, ImageEditForm])
+    def test_images_bodies_accept_the_openai_values(self, model):
+        for tier in ("auto", "default", "flex", "priority"):
+            assert parse_body(model, {"prompt": "x", "service_tier": tier}, LIMITS).service_tier == tier
+        assert parse_body(model, {"prompt": "x"}, LIMITS).service_tier is None
+
+    def test_chat_top_level_and_extra_body(self):
+        assert parse_body(ChatCompletionRequest, chat("x", service_tier="flex"), LIMITS).service_tier == "flex"
+        body = parse_body(ChatCompletionRequest, chat("x", extra_body={"service_tier": "priority"}), LIMITS)
+        assert body.service_tier == "priority"
+        with pytest.raises(InvalidRequest, match="service_tier is given both"):
+            parse_body(ChatCompletionRequest, chat("x", service_tier="flex", extra_body={"service_tier": "priority"}),
+                       LIMITS)
+
+    @pytest.mark.parametrize("value", ["fast", "Priority", "scale", "", 1, True, ["flex"]])
+    @pytest.mark.parametrize("model", [ImageGenerationRequest, ImageEditForm, ChatCompletionRequest])
+    def test_other_values_name_the_allowed_ones(self, model, value):
+        data = chat("x", service_tier=value) if model is ChatCompletionRequest else {"prompt": "x", "service_tier": value}
+        with pytest.raises(InvalidRequest) as exc:
+            parse_body(model, data, LIMITS)
+        assert str(exc.value) == "service_tier: must be one of auto, default, flex, priority"
+
+    @pytest.mark.parametrize("path", [GEN, EDIT, CHAT])
+    def test_each_endpoint_puts_the_tier_into_the_image_request(self, path):
+        with recording_edge() as (client, backend):
+            for sent, expected in [(None, "default"), ("auto", "default"), ("default", "default"), ("flex", "flex"),
+                                   ("priority", "priority")]:
+                response = post_with_tier(client, path, sent)
+                assert response.status_code == 200, response.text
+                request = backend.requests[-1]
+                assert request.service_tier == expected, sent
+                # Without API keys everyone is one tenant, without a cap.
+                assert (request.tenant, request.tenant_max_images) == ("anonymous", None)
+                # The response says the tier it ran at, as OpenAI's does.
+                assert response.json()["service_tier"] == expected
+
+    @pytest.mark.parametrize("path", [GEN, EDIT, CHAT])
+    def test_a_bad_tier_is_a_400_before_the_backend(self, path):
+        with recording_edge() as (client, backend):
+            response = post_with_tier(client, path, "turbo")
+            assert response.status_code == 400
+            assert response.json()["error"] == {
+                "message": "service_tier: must be one of auto, default, flex, priority",
+                "type": "invalid_request_error", "param": None, "code": 400}
+            assert backend.requests == []
+
+    def test_streamed_requests_carry_the_tier(self):
+        with recording_edge() as (client, backend):
+            response = post_with_tier(client, GEN, "flex", stream=True)
+            assert response.status_code == 200 and "image_generation.completed" in response.text
+            response = post_with_tier(client, CHAT, "priority", stream=True)
+            assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+            first_chunk = json.loads(response.text.split("data: ", 2)[1])
+            assert first_chunk["object"] == "chat.completion.chunk"
+            assert [r.service_tier for r in backend.requests] == ["flex", "priority"]

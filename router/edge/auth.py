@@ -13,7 +13,12 @@ a key file (`--api-key-file` / `$GLM_API_KEY_FILE`: one key per line, `#` commen
 blank lines ignored; a mounted Kubernetes Secret). All of them are accepted at once, which is
 how keys rotate (docs/http_security.md). The file is re-read when it changes (checked at most
 once a second, on requests): a Secret update reaches a running router without a restart. A
-file that becomes unreadable or empty keeps the keys read before, loudly.
+file that becomes unreadable, empty or invalid keeps the keys read before, loudly.
+
+A key file line may give the key a policy after it (`KeyPolicy`): `KEY name=alice tier=flex
+max_images=4` -- the tenant name used in logs and metrics, the service tier `auto` means, and a
+cap on the key's images in flight. The key that matched puts its policy in the request's scope
+(`key_policy`); the endpoints copy it into the ImageRequest for the scheduler.
 
 Keys are kept only as SHA-256 digests and compared with `hmac.compare_digest` against every one
 of them, without stopping at a match: the time taken says nothing about which key, or how much
@@ -33,9 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router.core.errors import error_response
+from router.core.image_request import SERVICE_TIERS, ServiceTier
 from router.edge.request_context import scope_log_tag
 
 logger = logging.getLogger(__name__)
@@ -47,6 +54,12 @@ FAILURE_REASONS = ("missing", "malformed", "invalid")
 _KEY = re.compile(r"^[\x21-\x2b\x2d-\x7e]+$")
 _SHORT_KEY = 16
 _RELOAD_CHECK_S = 1.0
+# A tenant name: a short label, safe in logs and as a metrics label value.
+_TENANT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_MAX_IMAGES = re.compile(r"^[0-9]{1,9}$")
+_ATTRIBUTES = ("name", "tier", "max_images")
+# The scope["state"] entry that carries the matched key's KeyPolicy to the endpoints.
+_STATE_KEY = "api_key_policy"
 
 _MESSAGES = {
     "missing": "You didn't provide an API key. Send it in an Authorization header using Bearer auth "
@@ -69,20 +82,88 @@ def _validated(key: str, where: str) -> str:
     return key
 
 
-def read_key_file(path: Path) -> tuple[str, ...]:
-    """The keys in `path`: one per line; blank lines and lines starting with `#` are ignored."""
+def default_key_name(key: str) -> str:
+    """The tenant name of a key without a `name=`: "key-" and the first 8 hex digits of its SHA-256
+    (stable, and saying nothing usable about the key)."""
+    return "key-" + hashlib.sha256(key.encode("latin-1")).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    """What a key's line in the key file says about its requests (keys from flags and
+    $GLM_API_KEY get only the default name)."""
+
+    name: str  # the tenant: logs and metrics labels, and what the scheduler's cap and turns count by
+    tier: ServiceTier | None = None  # the service tier `auto` (or no service_tier) means; None: "default"
+    max_images: int | None = None  # cap on this tenant's images in flight; None: no cap
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    key: str
+    policy: KeyPolicy
+
+
+def _parse_attributes(key: str, attributes: list[str], where: str) -> KeyPolicy:
+    """The KeyPolicy of `key` from its line's `name=value` words. Messages name the attribute,
+    never the key (nor a word that is not a well-formed attribute: it may be part of a key)."""
+    values: dict[str, str] = {}
+    for position, word in enumerate(attributes, start=2):
+        attribute, equals, value = word.partition("=")
+        if not equals or not re.match(r"^[a-z_]{1,32}$", attribute):
+            raise ApiKeyError(f"{where}: word {position} is not an attribute (name=..., tier=..., max_images=...); "
+                              "a key may not hold spaces")
+        if attribute not in _ATTRIBUTES:
+            raise ApiKeyError(f"{where}: unknown attribute {attribute!r} (known: {', '.join(_ATTRIBUTES)})")
+        if attribute in values:
+            raise ApiKeyError(f"{where}: attribute {attribute!r} is given twice")
+        values[attribute] = value
+    name = values.get("name", default_key_name(key))
+    if not _TENANT_NAME.match(name):
+        raise ApiKeyError(f"{where}: attribute 'name' must be 1 to 64 letters, digits, '_', '.' or '-'")
+    tier = values.get("tier")
+    if tier is not None and tier not in SERVICE_TIERS:
+        raise ApiKeyError(f"{where}: attribute 'tier' must be one of {', '.join(SERVICE_TIERS)}")
+    max_images = values.get("max_images")
+    if max_images is not None and (not _MAX_IMAGES.match(max_images) or int(max_images) < 1):
+        raise ApiKeyError(f"{where}: attribute 'max_images' must be a whole number of at least 1")
+    return KeyPolicy(name, tier, int(max_images) if max_images is not None else None)  # type: ignore[arg-type]
+
+
+def read_key_file(path: Path) -> tuple[KeyEntry, ...]:
+    """The keys in `path` with their policies: one key per line, optionally followed by
+    whitespace-separated attributes (`KEY name=alice tier=flex max_images=4`); blank lines and
+    lines starting with `#` are ignored. Raises ApiKeyError naming the line (never the key)."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ApiKeyError(f"cannot read the API key file {path}: {exc}") from None
-    keys = []
+    entries: list[KeyEntry] = []
+    line_of_key: dict[str, int] = {}
+    policy_of_name: dict[str, tuple[int, KeyPolicy]] = {}
     for number, line in enumerate(text.splitlines(), start=1):
-        line = line.strip()
-        if line and not line.startswith("#"):
-            keys.append(_validated(line, f"{path} line {number}"))
-    if not keys:
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        where = f"{path} line {number}"
+        key = words[0]
+        attribute, equals, _ = key.partition("=")
+        if equals and attribute in _ATTRIBUTES:
+            raise ApiKeyError(f"{where}: the line starts with an attribute; the key comes first")
+        entry = KeyEntry(_validated(key, where), _parse_attributes(key, words[1:], where))
+        if key in line_of_key:
+            raise ApiKeyError(f"{where}: the same key as line {line_of_key[key]}")
+        line_of_key[key] = number
+        # Keys of one tenant (an old and a new key while rotating) share its cap: they must agree on it.
+        earlier = policy_of_name.get(entry.policy.name)
+        if earlier is not None and earlier[1] != entry.policy:
+            raise ApiKeyError(f"{where}: name {entry.policy.name!r} has another tier or max_images on line "
+                              f"{earlier[0]}; keys of one name share them")
+        policy_of_name.setdefault(entry.policy.name, (number, entry.policy))
+        entries.append(entry)
+    if not entries:
         raise ApiKeyError(f"the API key file {path} holds no key (one per line; '#' starts a comment line)")
-    return tuple(keys)
+    return tuple(entries)
 
 
 @dataclass(frozen=True)
@@ -120,19 +201,19 @@ def _digest(key: str) -> bytes:
 
 
 class ApiKeys:
-    """The accepted keys, as digests; the key file's are re-read when the file changes."""
+    """The accepted keys, as digests with their policies; the key file's are re-read when it changes."""
 
     def __init__(self, config: ApiKeyConfig):
         self.config = config
-        self._static = [_digest(key) for key in config.keys]
-        self._from_file: list[bytes] = []
+        self._static = [(_digest(key), KeyPolicy(default_key_name(key))) for key in config.keys]
+        self._from_file: list[tuple[bytes, KeyPolicy]] = []
         self._file_stamp: tuple[int, int, int] | None = None
         self._checked_at = time.monotonic()
         short = sum(len(key) < _SHORT_KEY for key in config.keys)
         if config.key_file is not None:
-            file_keys = read_key_file(config.key_file)
-            short += sum(len(key) < _SHORT_KEY for key in file_keys)
-            self._from_file = [_digest(key) for key in file_keys]
+            entries = read_key_file(config.key_file)
+            short += sum(len(entry.key) < _SHORT_KEY for entry in entries)
+            self._from_file = [(_digest(entry.key), entry.policy) for entry in entries]
             self._file_stamp = self._stamp()
         if short:
             logger.warning("%d API key(s) are shorter than %d characters: use long random keys "
@@ -143,11 +224,17 @@ class ApiKeys:
 
     def matches(self, token: str) -> bool:
         """Whether `token` is one of the keys. Compares with every key, in constant time each."""
+        return self.match(token) is not None
+
+    def match(self, token: str) -> KeyPolicy | None:
+        """The policy of the key `token` is, or None. Compares with every key, in constant time each,
+        without stopping at a match; a key both in the file and given otherwise has the file's policy."""
         self._reload_if_changed()
         digest = _digest(token)
-        found = False
-        for key in self._static + self._from_file:
-            found |= hmac.compare_digest(digest, key)
+        found: KeyPolicy | None = None
+        for key, policy in self._static + self._from_file:
+            equal = hmac.compare_digest(digest, key)
+            found = policy if equal else found
         return found
 
     def _stamp(self) -> tuple[int, int, int] | None:
@@ -167,12 +254,17 @@ class ApiKeys:
             return
         self._file_stamp = stamp
         try:
-            keys = read_key_file(self.config.key_file)
+            entries = read_key_file(self.config.key_file)
         except ApiKeyError as exc:
             logger.error("%s; keeping the %d key(s) read from it before", exc, len(self._from_file))
             return
-        self._from_file = [_digest(key) for key in keys]
-        logger.info("API key file %s changed: %d key(s) from it now", self.config.key_file, len(keys))
+        self._from_file = [(_digest(entry.key), entry.policy) for entry in entries]
+        logger.info("API key file %s changed: %d key(s) from it now", self.config.key_file, len(entries))
+
+
+def key_policy(request: Request) -> KeyPolicy | None:
+    """The policy of the API key that authenticated `request`; None when the router has no keys."""
+    return request.scope.get("state", {}).get(_STATE_KEY)
 
 
 class AuthMetrics:
@@ -217,7 +309,9 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         token, reason = bearer_token(scope["headers"])
-        if token is not None and self.keys.matches(token):
+        policy = self.keys.match(token) if token is not None else None
+        if policy is not None:
+            scope.setdefault("state", {})[_STATE_KEY] = policy
             await self.app(scope, receive, send)
             return
         reason = reason or "invalid"

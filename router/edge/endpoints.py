@@ -9,8 +9,9 @@
 Each image endpoint does the same three things: parse and validate its body
 into an `ImageRequest` (sizes resolved here, an omitted size becoming the
 default so it travels exactly like an explicit one; condition images decoded,
-bomb-checked and resized to valid sizes), run it through the backend while
-watching for the client to leave (`_serve`), and render one response kind
+bomb-checked and resized to valid sizes; the service tier and the tenant from
+the body's `service_tier` and the API key's policy), run it through the backend
+while watching for the client to leave (`_serve`), and render one response kind
 (`router.edge.responses`). Inside, the orchestrator trusts the `ImageRequest`.
 """
 
@@ -26,10 +27,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
 from common.sizes import ImageSize
+from router.edge.auth import key_policy
 from router.edge.disconnect import ClientDisconnected, run_until_disconnect
 from router.core.errors import InvalidRequest, NotFound
 from router.edge.http_body import max_body_bytes, multipart_form, read_json_body, split_edit_form
-from router.core.image_request import GeneratedImage, ImageBackend, ImageRequest
+from router.core.image_request import ANONYMOUS_TENANT, GeneratedImage, ImageBackend, ImageRequest
 from router.edge.images import ConditionImage, check_upload_size, decode_data_url, load_condition_image
 from router.edge.openapi import STREAMING_RESPONSES, json_body, multipart_body
 from router.edge.request_context import STATUS_CLIENT_CLOSED, client_request_id, log_tag, request_id
@@ -53,6 +55,7 @@ from router.edge.schemas import (
     ModelCard,
     ModelList,
     parse_body,
+    resolve_service_tier,
     resolve_size,
 )
 
@@ -169,6 +172,8 @@ class ImageAPI:
     def _image_request(self, request: Request, body: ImageOptions, prompt: str, size: ImageSize,
                        conditions: list[ConditionImage] | None = None) -> ImageRequest:
         streaming = body.stream if isinstance(body, (ImageGenerationRequest, ImageEditForm)) else False
+        # Who asks: the API key's policy (router/edge/auth.py); without keys, everyone is one tenant.
+        policy = key_policy(request)
         return ImageRequest(
             request_id=request_id(request), client_request_id=client_request_id(request), prompt=prompt,
             size=size, n=body.n, seed=body.seed, num_inference_steps=body.num_inference_steps,
@@ -177,12 +182,16 @@ class ImageAPI:
             output_compression=body.output_compression, quality=body.quality,
             ar_temperature=getattr(body, "temperature", None), ar_top_p=getattr(body, "top_p", None),
             partial_images=body.partial_images if streaming else 0,
-            progress=body.stream_progress if streaming else False)
+            progress=body.stream_progress if streaming else False,
+            service_tier=resolve_service_tier(body.service_tier, policy.tier if policy else None),
+            tenant=policy.name if policy else ANONYMOUS_TENANT,
+            tenant_max_images=policy.max_images if policy else None)
 
     async def _serve(self, request: Request, image_request: ImageRequest, render: RenderImages) -> Response:
         """Generate the images, cancelling the work if the client leaves, and render them."""
-        logger.info("[%s] %s n=%d seed=%s condition_images=%d", image_request.log_tag, image_request.size,
-                    image_request.n, image_request.seed, len(image_request.condition_images))
+        logger.info("[%s] %s n=%d seed=%s condition_images=%d tier=%s tenant=%s", image_request.log_tag,
+                    image_request.size, image_request.n, image_request.seed, len(image_request.condition_images),
+                    image_request.service_tier, image_request.tenant)
         try:
             images = await run_until_disconnect(request, self.backend.generate(image_request))
         except ClientDisconnected:
@@ -193,8 +202,9 @@ class ImageAPI:
     async def _stream(self, request: Request, image_request: ImageRequest, render: RenderEvent,
                       done_marker: str | None = None) -> Response:
         """Answer with an event stream; refusals before admission keep their HTTP status."""
-        logger.info("[%s] %s n=%d seed=%s condition_images=%d, streamed", image_request.log_tag, image_request.size,
-                    image_request.n, image_request.seed, len(image_request.condition_images))
+        logger.info("[%s] %s n=%d seed=%s condition_images=%d tier=%s tenant=%s, streamed", image_request.log_tag,
+                    image_request.size, image_request.n, image_request.seed, len(image_request.condition_images),
+                    image_request.service_tier, image_request.tenant)
         generation = await Generation.start(self.backend, image_request)
         return EventStreamResponse(generation, render, log_tag(request), self.http_metrics, request.url.path,
                                    done_marker)

@@ -35,6 +35,7 @@ def stage_sizes(image: GeneratedImage) -> dict[str, list[int]]:
 def _summary(request: ImageRequest, images: list[GeneratedImage]) -> dict[str, Any]:
     """What GLM-Image actually did, added to OpenAI's shapes."""
     return {
+        "service_tier": request.service_tier,
         "size": str(request.size),
         "output_format": request.output_format,
         "seeds": [image.seed for image in images],

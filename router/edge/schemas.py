@@ -31,7 +31,7 @@ from common.image_formats import OutputFormat
 from common.sizes import ImageSize, InvalidSize, check_size
 from common.stage_config import Limits
 from router.core.errors import InvalidRequest
-from router.core.image_request import MAX_SEED
+from router.core.image_request import MAX_SEED, SERVICE_TIERS, ServiceTier
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -54,6 +54,19 @@ _LIMITED_FIELDS = {
     "num_inference_steps": ("max_inference_steps", ""),
     "guidance_scale": ("max_guidance_scale", ""),
 }
+
+
+# OpenAI's `service_tier` values; "auto" is the API key's default tier, else "default".
+REQUESTED_TIERS = ("auto", *sorted(SERVICE_TIERS))
+RequestedTier = Literal["auto", "default", "flex", "priority"]
+
+
+def resolve_service_tier(requested: RequestedTier | None, key_default: ServiceTier | None) -> ServiceTier:
+    """The tier a request runs at: the one asked for, or for "auto" (or none) the API key's
+    default tier, else "default"."""
+    if requested is None or requested == "auto":
+        return key_default or "default"
+    return requested
 
 
 def _check_seed_range(seed: int | None, n: int) -> None:
@@ -88,6 +101,17 @@ class ImageOptions(_Strict):
     background: Literal["auto", "opaque"] | None = Field(
         None, description='GLM-Image draws opaque images: "auto" and "opaque" are accepted, "transparent" '
                           "cannot be honoured.")
+    service_tier: RequestedTier | None = Field(
+        None, description='OpenAI\'s processing tier: "priority" is scheduled before "default", "default" before '
+                          '"flex". "auto" (or none): the API key\'s default tier, else "default" (docs/scheduling.md).')
+
+    @field_validator("service_tier", mode="before")
+    @classmethod
+    def _known_tier(cls, value: Any) -> Any:
+        if value is not None and value not in REQUESTED_TIERS:
+            raise PydanticCustomError("service_tier", "must be one of {allowed}",
+                                      {"allowed": ", ".join(REQUESTED_TIERS)})
+        return value
 
     @field_validator("background", mode="before")
     @classmethod
@@ -313,11 +337,16 @@ class ImageData(BaseModel):
     revised_prompt: str | None = None
 
 
+_TIER_DOC = ("The service tier the request ran at (OpenAI's field): never \"auto\", which becomes the API key's "
+             "tier or \"default\".")
+
+
 class ImagesResponse(BaseModel):
     """OpenAI images response plus what GLM-Image actually did."""
 
     created: int
     data: list[ImageData]
+    service_tier: ServiceTier = Field(..., description=_TIER_DOC)
     size: str = Field(..., description="WIDTHxHEIGHT of the generated images.")
     output_format: str
     seeds: list[int]
@@ -354,6 +383,7 @@ class ChatCompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[ChatChoice]
+    service_tier: ServiceTier = Field(..., description=_TIER_DOC)
     size: str
     output_format: str
     seeds: list[int]

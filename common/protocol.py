@@ -34,7 +34,8 @@ from common.sizes import ImageSize
 # 2: sizes named height/width everywhere, worker config fingerprints, RegistrationRefused.
 # 3: WorkerInfo.metrics_address. Models forbid unknown fields, so a v2 router would reject every
 #    v3 heartbeat as "invalid message"; the bump makes the mismatch a clear version error instead.
-PROTOCOL_VERSION = 3
+# 4: Heartbeat.running/free_slots, SlotOffer and OfferDeclined (slots shared by several routers).
+PROTOCOL_VERSION = 4
 # Limits on what a decoder accepts from a peer.
 MAX_FRAMES = 64
 MAX_HEADER_BYTES = 1 << 20
@@ -211,6 +212,10 @@ class Heartbeat(_Model):
     type: Literal["heartbeat"] = "heartbeat"
     info: WorkerInfo
     draining: bool = False
+    # Jobs running now, from every router; and slots the receiving router may fill now (slots held
+    # for another router's offer are not free to this one).
+    running: int = Field(0, ge=0)
+    free_slots: int = Field(0, ge=0)
 
 
 class Goodbye(_Model):
@@ -224,6 +229,21 @@ class RouterPing(_Model):
     """Router -> worker, periodically, so workers notice a lost router and reconnect."""
 
     type: Literal["router_ping"] = "router_ping"
+
+
+class SlotOffer(_Model):
+    """Worker -> router: a slot freed up and is held for you, because you were refused for capacity
+    before (routers are offered freed slots in the order they were refused). Answer with a job for
+    this worker, or OfferDeclined; an offer not taken within a heartbeat interval lapses."""
+
+    type: Literal["slot_offer"] = "slot_offer"
+    worker_id: str
+
+
+class OfferDeclined(_Model):
+    """Router -> worker: no job waits for the offered slot; give it to the next router."""
+
+    type: Literal["offer_declined"] = "offer_declined"
 
 
 class RegistrationRefused(_Model):
@@ -281,7 +301,9 @@ class ErrorCode(str, Enum):
     BAD_REQUEST = "bad_request"  # the input cannot be served; retrying will not help
     CANCELLED = "cancelled"
     TIMEOUT = "timeout"
-    OVERLOADED = "overloaded"  # the worker is at capacity or draining; try another
+    # The worker is at capacity (it queues the router for a SlotOffer) or draining: back-pressure,
+    # never an error for the client.
+    OVERLOADED = "overloaded"
     INTERNAL = "internal"
 
 
@@ -294,7 +316,8 @@ class JobError(_Model):
 
 
 Message = Annotated[
-    Union[Heartbeat, Goodbye, RouterPing, RegistrationRefused, JobRequest, JobProgress, JobCancel, JobResult, JobError],
+    Union[Heartbeat, Goodbye, RouterPing, RegistrationRefused, SlotOffer, OfferDeclined, JobRequest, JobProgress,
+          JobCancel, JobResult, JobError],
     Field(discriminator="type"),
 ]
 _MESSAGE_ADAPTER: TypeAdapter[Any] = TypeAdapter(Message)

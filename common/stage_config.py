@@ -193,6 +193,12 @@ class RouterSettings(_Strict):
     queue_limit_per_stage: int = Field(64, ge=0)
     # How long a job may wait for a live worker of its stage to appear before a 503.
     no_worker_grace_s: float = Field(5.0, ge=0)
+    # A request whose estimated wait for worker slots (from each stage's live capacity and recent job
+    # times) exceeds this gets 429 with Retry-After at once; None: only the request deadline bounds it.
+    max_queue_wait_s: float | None = Field(None, gt=0)
+    # A waiting job moves up one service tier (flex -> default -> priority) per this many seconds
+    # waited, so lower tiers are served slower but never starve (docs/scheduling.md).
+    priority_aging_s: float = Field(60.0, gt=0)
     # Bytes of finished images kept to answer exact repeats of requests with an explicit seed
     # (least recently used first out); 0 turns the cache off.
     result_cache_bytes: int = Field(0, ge=0)

@@ -3,7 +3,14 @@
 A worker connects a DEALER socket to each router it is given (routers bind),
 announces itself with heartbeats that carry its full registration, runs up to
 `capacity` jobs at once, answers each with a result or a typed error, and
-honours cancels and deadlines. A router that goes silent is reconnected to
+honours cancels and deadlines.
+
+The worker is the one place that knows its slots, so it arbitrates between the
+routers that share it: a job beyond capacity is refused (OVERLOADED) and its
+router is put in line; a freed slot is held for the router first in line and
+offered to it (SlotOffer), which answers with a job or OfferDeclined. So no
+slot is ever oversubscribed, a refused router waits instead of spinning, and
+routers are served in the order they were refused (docs/scheduling.md). A router that goes silent is reconnected to
 with a fresh socket; since every heartbeat re-registers, a restarted router
 finds its workers again with no manual step.
 
@@ -37,16 +44,19 @@ from common.protocol import (
     JobProgress,
     JobRequest,
     JobResult,
+    OfferDeclined,
     ProtocolError,
     RegistrationRefused,
     ResultPayload,
     RouterPing,
+    SlotOffer,
     WorkerInfo,
     decode,
     encode,
 )
 from common.bus_security import WorkerCurve, configure_client, key_prefix
 from common.metrics import WorkerMetrics
+from common.slot_arbiter import SlotArbiter
 from common.stage_config import BusConfig
 
 logger = logging.getLogger(__name__)
@@ -318,6 +328,9 @@ class StageWorker:
         # Replaced, never mutated, when links come and go: `ready` reads it from other threads.
         self.links: list[_RouterLink] = []
         self.jobs: dict[str, _RunningJob] = {}
+        # The slots, shared by every router (common/slot_arbiter.py), and the timers of the offers out.
+        self.slots: SlotArbiter[_RouterLink] = SlotArbiter(info.capacity)
+        self._offer_lapses: dict[_RouterLink, asyncio.TimerHandle] = {}
         self.draining = False
         self._stopped = asyncio.Event()
         self._refusal: WorkerRefused | None = None
@@ -343,6 +356,9 @@ class StageWorker:
             for link in self.links:
                 await self._stop_link_tasks(link)
             await self._cancel_all_jobs()
+            for lapse in self._offer_lapses.values():
+                lapse.cancel()
+            self._offer_lapses.clear()
             for link in self.links:
                 # After a drain the last results and the Goodbye may still sit in the queue: let them out.
                 link.close(linger_ms=_DRAIN_LINGER_MS if self.draining else 0)
@@ -380,7 +396,37 @@ class StageWorker:
         self.stop()
 
     def _heartbeat(self, link: _RouterLink) -> Heartbeat:
-        return Heartbeat(info=self.info, draining=self.draining or link.retiring)
+        return Heartbeat(info=self.info, draining=self.draining or link.retiring, running=len(self.jobs),
+                         free_slots=self.slots.free_for(link))
+
+    # -- slots shared by several routers --------------------------------------------------------
+
+    def _offer_free_slots(self) -> None:
+        """Hold each free slot for the router refused longest ago, and tell it (SlotOffer)."""
+        while not self._stopped.is_set() and (offers := self.slots.next_offers()):
+            for link in offers:
+                if link not in self.links or link.retiring or self.draining:
+                    self.slots.release(link)  # gone meanwhile: the next in line gets the slot
+                    continue
+                lapse = asyncio.get_running_loop().call_later(self.bus_config.heartbeat_interval_s,
+                                                              self._offer_ended, link)
+                self._offer_lapses[link] = lapse
+                link.send_nowait(SlotOffer(worker_id=self.info.worker_id))
+
+    def _offer_ended(self, link: _RouterLink) -> None:
+        """The router declined its offer, or did not answer in time: the slot goes to the next."""
+        lapse = self._offer_lapses.pop(link, None)
+        if lapse is not None:
+            lapse.cancel()
+        self.slots.release(link)
+        self._offer_free_slots()
+
+    def _forget_link_slots(self, link: _RouterLink) -> None:
+        lapse = self._offer_lapses.pop(link, None)
+        if lapse is not None:
+            lapse.cancel()
+        self.slots.forget(link)
+        self._offer_free_slots()
 
     # -- router discovery ---------------------------------------------------------------------
 
@@ -459,6 +505,7 @@ class StageWorker:
         logger.info("dropping router %s (%s)", link.address, why)
         await self._stop_link_tasks(link)
         await self._cancel_jobs_of(link)
+        self._forget_link_slots(link)
         link.send_nowait(Goodbye(worker_id=self.info.worker_id))
         link.close(linger_ms=500)
 
@@ -482,6 +529,7 @@ class StageWorker:
                     logger.debug("retrying the handshake with router %s", link.address)
                 # Jobs from the lost router can't be answered; their router re-dispatches them.
                 await self._cancel_jobs_of(link)
+                self._forget_link_slots(link)
                 link.reconnect()
             await asyncio.sleep(self.bus_config.heartbeat_interval_s)
 
@@ -520,12 +568,15 @@ class StageWorker:
             if isinstance(message, RegistrationRefused):
                 self._on_refused(link, message.reason)
                 continue
-            if isinstance(message, (RouterPing, JobRequest, JobCancel)):
+            if isinstance(message, (RouterPing, JobRequest, JobCancel, OfferDeclined)):
                 if link.refused_because is not None:
                     logger.info("router %s now accepts this worker", link.address)
                 link.refused_because = None  # e.g. that router restarted with this worker's config
                 link.last_accepted = link.last_router_ping
             if isinstance(message, RouterPing):
+                continue
+            if isinstance(message, OfferDeclined):
+                self._offer_ended(link)
                 continue
             if isinstance(message, JobRequest):
                 await self._accept(message, link)
@@ -548,14 +599,28 @@ class StageWorker:
     async def _accept(self, job: JobRequest, link: _RouterLink) -> None:
         if job.job_id in self.jobs:
             return  # a duplicate delivery; the first one answers
-        if self.draining or link.retiring or len(self.jobs) >= self.info.capacity:
-            reason = "draining" if self.draining or link.retiring else f"at capacity ({self.info.capacity})"
-            await link.send(JobError(job_id=job.job_id, worker_id=self.info.worker_id, code=ErrorCode.OVERLOADED, message=f"worker {reason}"))
+        lapse = self._offer_lapses.pop(link, None)  # a job answers this router's offer, if it had one
+        if lapse is not None:
+            lapse.cancel()
+        draining = self.draining or link.retiring
+        if draining or not self.slots.try_start(link):
+            if draining:
+                self.slots.forget(link)
+            self.metrics.job_finished(ErrorCode.OVERLOADED.value)
+            reason = "draining" if draining else f"at capacity ({self.info.capacity}): you are in line for a slot"
+            await link.send(JobError(job_id=job.job_id, worker_id=self.info.worker_id, code=ErrorCode.OVERLOADED,
+                                     message=f"worker {reason}"))
+            self._offer_free_slots()  # a slot this router's offer held goes to the next in line
             return
         logger.info("[%s] job %s started", job.log_tag, job.job_id)
         task = asyncio.create_task(self._run(job, link), name=f"job:{job.job_id}")
         self.jobs[job.job_id] = _RunningJob(job, task, link)
-        task.add_done_callback(lambda _t, jid=job.job_id: self.jobs.pop(jid, None))
+        task.add_done_callback(lambda _t, jid=job.job_id: self._job_done(jid))
+
+    def _job_done(self, job_id: str) -> None:
+        self.jobs.pop(job_id, None)
+        self.slots.finish()
+        self._offer_free_slots()
 
     async def _run(self, job: JobRequest, link: _RouterLink) -> None:
         wid = self.info.worker_id

@@ -20,6 +20,7 @@ from router.core.bus import RouterBus
 from router.edge.http_limits import ConnectionLimits, HttpLimitMetrics, ensure_open_files, protocol_factory
 from router.core.metrics import RouterMetrics
 from router.core.orchestrator import Orchestrator
+from router.core.scheduler import Scheduler
 from router.core.worker_pool import WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,18 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self):
         yield
+
+
+def build_core(config: StageConfig, model_name: str, bus_bind: str, registry: CollectorRegistry,
+               curve: RouterCurve | None = None) -> tuple[RouterBus, Orchestrator]:
+    """The router's core, wired: the worker table, the bus (a transport), the Scheduler that owns
+    every slot and hears the bus, and the Orchestrator (the edge's ImageBackend) that runs on it."""
+    pool = WorkerPool(config.bus.peer_timeout_s)
+    metrics = RouterMetrics(registry)
+    bus = RouterBus(bus_bind, config.bus, pool, metrics, config.fingerprint(), curve=curve)
+    scheduler = Scheduler(config, pool, bus, metrics)
+    bus.attach(scheduler)
+    return bus, Orchestrator(config, scheduler, metrics, model_name)
 
 
 async def serve_router(
@@ -49,10 +62,7 @@ async def serve_router(
     finish in-flight requests and exit. With `api_keys`, /v1/* needs one (router/edge/auth.py); the
     HTTP connection limits come from `config.router` (router/edge/http_limits.py)."""
     registry = CollectorRegistry()
-    pool = WorkerPool(config.bus.peer_timeout_s)
-    metrics = RouterMetrics(registry)
-    bus = RouterBus(bus_bind, config.bus, pool, metrics, config.fingerprint(), curve=curve)
-    orchestrator = Orchestrator(config, bus, pool, metrics, model_name)
+    bus, orchestrator = build_core(config, model_name, bus_bind, registry, curve)
 
     limit_metrics = HttpLimitMetrics(registry)
     app = create_app(orchestrator, registry, api_keys=api_keys, limit_metrics=limit_metrics)

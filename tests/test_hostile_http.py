@@ -28,12 +28,9 @@ from prometheus_client import CollectorRegistry
 
 from common.sizes import ImageSize
 from harness.local_cluster import Cluster, write_stage_config
-from router.core.bus import RouterBus
 from router.core.errors import ServiceError
 from router.core.image_request import ImageBackend, ImageRequest
-from router.core.metrics import RouterMetrics
-from router.core.orchestrator import Orchestrator
-from router.core.worker_pool import WorkerPool
+from router.server import build_core
 from tests.edge_app import MODEL_NAME, InProcessEdge, NoWorkersBackend, edge_stage_config, in_process_edge
 from tests.raw_http import exchange, request_head
 
@@ -391,11 +388,9 @@ def test_the_fake_backend_refuses_as_the_orchestrator_does():
                 backend.live_workers(), backend.models(), backend.metrics_targets())
 
     async def both() -> tuple[tuple, tuple]:
-        pool, registry = WorkerPool(config.bus.peer_timeout_s), CollectorRegistry()
-        metrics = RouterMetrics(registry)
-        bus = RouterBus("tcp://127.0.0.1:0", config.bus, pool, metrics, config.fingerprint())
+        bus, orchestrator = build_core(config, MODEL_NAME, "tcp://127.0.0.1:0", CollectorRegistry())
         try:
-            real = await outcome(Orchestrator(config, bus, pool, metrics, MODEL_NAME))
+            real = await outcome(orchestrator)
         finally:
             bus.ctx.term()
         return real, await outcome(NoWorkersBackend(config))

@@ -37,19 +37,14 @@ def _openapi_document() -> dict:
 
     from common.stage_config import load_stage_config
     from router.edge.app import create_app
-    from router.core.bus import RouterBus
-    from router.core.metrics import RouterMetrics
-    from router.core.orchestrator import Orchestrator
-    from router.core.worker_pool import WorkerPool
+    from router.server import build_core
 
     config = load_stage_config(TINY_STAGE_CONFIG)
-    pool = WorkerPool(config.bus.peer_timeout_s)
     registry = CollectorRegistry()
-    metrics = RouterMetrics(registry)
     # Never started: only its shape is needed.
-    bus = RouterBus("tcp://127.0.0.1:0", config.bus, pool, metrics, config.fingerprint())
+    bus, orchestrator = build_core(config, "glm-image-tiny", "tcp://127.0.0.1:0", registry)
     try:
-        return create_app(Orchestrator(config, bus, pool, metrics, "glm-image-tiny"), registry).openapi()
+        return create_app(orchestrator, registry).openapi()
     finally:
         bus.ctx.term()
 

@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import zmq
 import zmq.asyncio
@@ -41,15 +41,18 @@ from common.protocol import (
     JobProgress,
     JobRequest,
     JobResult,
+    OfferDeclined,
     ProtocolError,
     RegistrationRefused,
     RouterPing,
+    SlotOffer,
     WorkerInfo,
     decode,
     encode,
 )
 from common.stage_config import BusConfig
 from router.core.metrics import RouterMetrics
+from router.core.scheduler import WorkerLost
 from router.core.worker_pool import WorkerPool, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -74,8 +77,14 @@ def is_local_bind(address: str) -> bool:
         return False  # "*", an interface name or a host name: assume reachable
 
 
-class WorkerLost(Exception):
-    """The worker running a job died or left before answering."""
+class BusEvents(Protocol):
+    """Who hears what happens on the bus (the Scheduler)."""
+
+    def workers_changed(self) -> None:
+        """A worker joined, left or heartbeated."""
+
+    def slot_offered(self, worker_id: str) -> None:
+        """A worker holds a freed slot for this router."""
 
 
 @dataclass
@@ -86,7 +95,9 @@ class _PendingJob:
 
 
 class RouterBus:
-    """The bound ROUTER socket: registrations, liveness, job dispatch and replies.
+    """The bound ROUTER socket, a transport: registrations and liveness (the WorkerPool), jobs sent
+    and their replies matched to futures; what it hears goes to `events` (the Scheduler, which owns
+    every slot and decides what runs where).
 
     Only workers whose stage-config fingerprint equals `config_fingerprint` are
     registered; others are told why (RegistrationRefused), logged once and counted.
@@ -112,11 +123,16 @@ class RouterBus:
         self.ctx = zmq.asyncio.Context()
         self.socket: zmq.asyncio.Socket | None = None
         self.pending: dict[str, _PendingJob] = {}
-        # Set, then replaced, whenever a worker slot may have opened or a worker appeared. An Event,
-        # not a Condition: waiters cancelled together (an n>1 request failing) could leave a
-        # Condition's lock held and every later request stuck behind it.
-        self._slots_event = asyncio.Event()
+        self.events: BusEvents | None = None
         self._tasks: list[asyncio.Task] = []
+
+    def attach(self, events: BusEvents) -> None:
+        """Report workers coming, going and offering slots to `events` (before `start`)."""
+        self.events = events
+
+    def _workers_changed(self) -> None:
+        if self.events is not None:
+            self.events.workers_changed()
 
     async def start(self) -> None:
         sock = self.ctx.socket(zmq.ROUTER)
@@ -175,7 +191,6 @@ class RouterBus:
         The worker's JobProgress messages for the job go to `on_progress` until then."""
         future = asyncio.get_running_loop().create_future()
         self.pending[job.job_id] = _PendingJob(future, worker.info.worker_id, on_progress)
-        worker.assigned.add(job.job_id)
         await self._send(worker.identity, job)  # if unreachable, _send failed the job already
         return future
 
@@ -193,9 +208,6 @@ class RouterBus:
         pending = self.pending.pop(job_id, None)
         if pending is None:
             return
-        worker = self.pool.workers.get(pending.worker_id)
-        if worker is not None:
-            worker.assigned.discard(job_id)
         if not pending.future.done():
             if cancel:
                 pending.future.cancel()  # nobody awaits it any more; an exception would be "never retrieved"
@@ -203,19 +215,10 @@ class RouterBus:
                 pending.future.set_exception(exception)
             else:
                 pending.future.set_result(result)
-        self.notify_slots()
 
-    async def wait_for_slots(self, timeout: float) -> None:
-        """Return when a worker slot may have opened or a worker appeared, or after `timeout` seconds."""
-        try:
-            await asyncio.wait_for(self._slots_event.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
-
-    def notify_slots(self) -> None:
-        """Wake everyone waiting in wait_for_slots (a slot may have opened, or the line moved)."""
-        self._slots_event.set()
-        self._slots_event = asyncio.Event()
+    def decline_offer(self, worker: WorkerState) -> None:
+        """Tell `worker` this router has no job for the slot it offered."""
+        self._spawn(self._send(worker.identity, OfferDeclined()))
 
     def _spawn(self, coro) -> None:
         # Owned: close() cancels whatever is still running.
@@ -246,6 +249,7 @@ class RouterBus:
                        worker.info.worker_id, worker.info.stage.value)
         self._fail_worker_jobs(worker.info.worker_id, "was unreachable")
         self.pool.remove(worker.info.worker_id, reason="unreachable")
+        self._workers_changed()
 
     async def _receive_loop(self) -> None:
         while True:
@@ -282,14 +286,18 @@ class RouterBus:
                 info = message.info
                 logger.info("worker %s registered: stage=%s capacity=%d host=%s", info.worker_id, info.stage.value, info.capacity, info.host)
                 self._spawn(self._send(identity, RouterPing()))
-                # Only a new worker opens slots here; finished jobs notify in _finish.
-                self.notify_slots()
+            self._workers_changed()
+        elif isinstance(message, SlotOffer):
+            state = self.pool.workers.get(message.worker_id)
+            if state is not None and state.identity == identity and self.events is not None:
+                self.events.slot_offered(message.worker_id)
         elif isinstance(message, Goodbye):
             state = self.pool.workers.get(message.worker_id)
             if state is not None and state.identity == identity:
                 logger.info("worker %s deregistered", message.worker_id)
                 self._fail_worker_jobs(message.worker_id, "left")
                 self.pool.remove(message.worker_id, reason="left")
+                self._workers_changed()
         elif isinstance(message, (JobResult, JobError, JobProgress)):
             pending = self.pending.get(message.job_id)
             if pending is None or pending.worker_id != message.worker_id or message.worker_id.encode() != identity:
@@ -355,10 +363,13 @@ class RouterBus:
     async def _liveness_loop(self) -> None:
         ping = RouterPing()
         while True:
-            for dead in self.pool.expire():
+            dead_workers = self.pool.expire()
+            for dead in dead_workers:
                 silent = time.monotonic() - dead.last_seen
                 logger.warning("worker %s (%s) silent for %.1fs: marked dead", dead.info.worker_id, dead.info.stage.value, silent)
                 self._fail_worker_jobs(dead.info.worker_id, "died")
+            if dead_workers:
+                self._workers_changed()
             for worker in list(self.pool.workers.values()):
                 await self._send(worker.identity, ping)
             await asyncio.sleep(self.bus_config.heartbeat_interval_s)

@@ -19,6 +19,7 @@ def error_response(status: int, message: str, error_type: str, headers: dict[str
 class ServiceError(Exception):
     status_code = 500
     error_type = "server_error"
+    code: str | None = None  # OpenAI's error code, where it has one; else the status
 
     def __init__(self, message: str, retry_after_s: float | None = None):
         super().__init__(message)
@@ -57,6 +58,13 @@ class Overloaded(ServiceError):
 
     status_code = 429
     error_type = "rate_limit_error"
+
+
+class TenantOverLimit(Overloaded):
+    """The API key already has as many images in flight as its cap allows (OpenAI's rate-limit shape)."""
+
+    error_type = "requests"
+    code = "rate_limit_exceeded"
 
 
 class NoLiveWorkers(ServiceError):

@@ -18,6 +18,12 @@ MAX_SEED = 2**63 - 1
 MAX_RANDOM_SEED = 2**53 - 1
 
 
+# OpenAI's `service_tier` values, highest priority first; "auto" is the key's default tier (else "default").
+ServiceTier = Literal["priority", "default", "flex"]
+SERVICE_TIERS: tuple[ServiceTier, ...] = ("priority", "default", "flex")
+ANONYMOUS_TENANT = "anonymous"
+
+
 @dataclass(frozen=True)
 class ImageRequest:
     """A validated request for `n` images. The size is already checked; condition images are
@@ -42,6 +48,11 @@ class ImageRequest:
     # Streaming: previews per image, and whether the client watches progress.
     partial_images: int = 0
     progress: bool = False
+    # Who asks, for the scheduler: the priority class, the tenant (an API key's name, never the key)
+    # and the tenant's cap on images admitted at once (None: no cap).
+    service_tier: ServiceTier = "default"
+    tenant: str = ANONYMOUS_TENANT
+    tenant_max_images: int | None = None
 
     @property
     def log_tag(self) -> str:

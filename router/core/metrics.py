@@ -17,12 +17,14 @@ from prometheus_client.registry import Collector
 
 from common.metrics import LATENCY_BUCKETS
 from common.protocol import Stage
+from router.core.image_request import SERVICE_TIERS
 from router.core.worker_pool import LOSS_REASONS
 
 # Label values known up front are exported at 0 from the start, so that a rate or a ratio over
 # them is a series (0) rather than nothing until the first event (Prometheus best practice).
 IMAGE_OUTCOMES = ("ok", "failed", "cancelled", "cached")
 RETRY_REASONS = ("worker_lost", "overloaded", "internal", "cancelled")
+REJECT_REASONS = ("queue_full", "wait", "tenant_cap")
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,17 @@ class RouterMetrics:
         self.job_retries = Counter(
             "glm_router_job_retries", "Stage jobs re-dispatched, by reason", ["stage", "reason"], registry=registry)
         self.images = Counter("glm_router_images", "Images finished, by outcome", ["outcome"], registry=registry)
-        self.rejected = Counter("glm_router_admission_rejected", "Requests refused by admission control (429)",
-                                registry=registry)
+        self.rejected = Counter(
+            "glm_router_admission_rejected", "Requests refused by admission control (429), by reason (queue_full: a "
+            "stage's waiting line is at its bound; wait: the estimated wait passes max_queue_wait_s or the deadline; "
+            "tenant_cap: the API key's cap on images in flight) and service tier", ["reason", "tier"],
+            registry=registry)
+        self.admitted_images = Counter(
+            "glm_router_admitted_images", "Images admitted, by service tier and tenant (an API key's name, never "
+            "the key; 'anonymous' without keys)", ["tier", "tenant"], registry=registry)
+        self.queue_wait = Histogram(
+            "glm_router_queue_wait_seconds", "Time a stage job waited in this router for a worker slot, by stage and "
+            "service tier", ["stage", "tier"], buckets=LATENCY_BUCKETS, registry=registry)
         self.workers_refused = Counter(
             "glm_router_workers_refused", "Worker registrations refused, by reason: config_mismatch once per worker and "
             "config; curve_* (bus security) every refused handshake",
@@ -111,6 +122,11 @@ class RouterMetrics:
                 self.job_retries.labels(stage=stage.value, reason=reason)
         for outcome in IMAGE_OUTCOMES:
             self.images.labels(outcome=outcome)
+        for tier in SERVICE_TIERS:
+            for reason in REJECT_REASONS:
+                self.rejected.labels(reason=reason, tier=tier)
+            for stage in Stage:
+                self.queue_wait.labels(stage=stage.value, tier=tier)
         for outcome in ("hit", "miss"):
             self.result_cache.labels(outcome=outcome)
         self.workers_refused.labels(reason="config_mismatch")

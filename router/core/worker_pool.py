@@ -6,7 +6,6 @@ heartbeats is known, one that stops for `peer_timeout_s` is dead.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,18 +21,25 @@ LOSS_REASONS: tuple[LossReason, ...] = get_args(LossReason)
 
 @dataclass
 class WorkerState:
+    """One worker as this router knows it. The bus keeps the membership fields (info, identity,
+    last_seen, draining, and the load the worker reports); the Scheduler alone keeps the slot fields."""
+
     info: WorkerInfo
     identity: bytes
     last_seen: float
     draining: bool = False
-    # Jobs this router has sent the worker and not yet heard back about.
+    # From its latest heartbeat: jobs running for every router, and slots free to this one.
+    running: int = 0
+    reported_free: int = 0
+    # Scheduler: jobs this router has given the worker and not yet heard back about.
     assigned: set[str] = field(default_factory=set)
-    # When this router last chose the worker (WorkerPool's pick counter); 0 = never.
+    # Scheduler: when the worker last refused a job for capacity (it then queues this router for a
+    # SlotOffer); None when it has not since.
+    refused_at: float | None = None
+    # Scheduler: the worker holds a freed slot for this router (a SlotOffer not yet answered).
+    offered: bool = False
+    # Scheduler: when this router last chose the worker (a pick counter); 0 = never.
     last_picked: int = 0
-
-    @property
-    def free_slots(self) -> int:
-        return self.info.capacity - len(self.assigned)
 
     @property
     def load(self) -> float:
@@ -41,10 +47,11 @@ class WorkerState:
 
 
 class WorkerPool:
+    """Who is out there: workers by id, from heartbeats, with their churn counted per stage."""
+
     def __init__(self, peer_timeout_s: float):
         self.peer_timeout_s = peer_timeout_s
         self.workers: dict[str, WorkerState] = {}
-        self._picks = itertools.count(1)
         # Churn since start, per stage (and reason): exported as counters at scrape time
         # (router/core/metrics.py), so a worker that keeps dropping out and coming back shows.
         self.registrations: Counter[Stage] = Counter()
@@ -55,12 +62,13 @@ class WorkerPool:
         now = time.monotonic()
         info = heartbeat.info
         state = self.workers.get(info.worker_id)
-        if state is None or state.identity != identity:
-            self.workers[info.worker_id] = WorkerState(info, identity, now, heartbeat.draining)
+        new = state is None or state.identity != identity
+        if new:
+            state = self.workers[info.worker_id] = WorkerState(info, identity, now)
             self.registrations[info.stage] += 1
-            return True
         state.info, state.last_seen, state.draining = info, now, heartbeat.draining
-        return False
+        state.running, state.reported_free = heartbeat.running, heartbeat.free_slots
+        return new
 
     def remove(self, worker_id: str, reason: LossReason) -> WorkerState | None:
         """Forget a worker; `reason` labels the loss in the metrics."""
@@ -79,30 +87,12 @@ class WorkerPool:
         return dead
 
     def live(self, stage: Stage) -> list[WorkerState]:
+        """The stage's registered workers that are not draining."""
         return [w for w in self.workers.values() if w.info.stage == stage and not w.draining]
-
-    def pick(self, stage: Stage) -> WorkerState | None:
-        """The least-loaded live worker of the stage with a free slot."""
-        candidates = [w for w in self.live(stage) if w.free_slots > 0]
-        # Among equally loaded workers, the one picked longest ago: requests one at a time rotate over
-        # every worker (a new replica takes work at once; other routers' jobs, which we can't see,
-        # spread too) instead of always landing on the same one.
-        worker = min(candidates, key=lambda w: (w.load, len(w.assigned), w.last_picked, w.info.worker_id), default=None)
-        if worker is not None:
-            worker.last_picked = next(self._picks)
-        return worker
-
-    def free_slots(self, stage: Stage) -> int:
-        """Slots of the stage's live workers that no job of this router holds."""
-        return sum(max(0, w.free_slots) for w in self.live(stage))
 
     def capacity(self, stage: Stage) -> int:
         """Slots of the stage's live (not draining) workers."""
         return sum(w.info.capacity for w in self.live(stage))
-
-    def busy_slots(self, stage: Stage) -> int:
-        """Jobs of this router on the stage's workers, draining ones included (they still run them)."""
-        return sum(len(w.assigned) for w in self.workers.values() if w.info.stage == stage)
 
     def counts(self) -> dict[str, int]:
         return {stage.value: len(self.live(stage)) for stage in Stage}

@@ -25,7 +25,7 @@ async def _service_error_handler(request: Request, exc: Exception) -> Response:
     headers = None
     if exc.retry_after_s is not None:
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
-    return error_response(exc.status_code, exc.message, exc.error_type, headers)
+    return error_response(exc.status_code, exc.message, exc.error_type, headers, code=exc.code)
 
 
 async def _http_exception_handler(request: Request, exc: Exception) -> Response:

@@ -178,7 +178,7 @@ def sse(event: str | None, data: dict[str, Any]) -> str:
 
 
 def error_body(exc: ServiceError) -> dict[str, Any]:
-    return {"error": {"message": exc.message, "type": exc.error_type, "code": exc.status_code}}
+    return {"error": {"message": exc.message, "type": exc.error_type, "code": exc.code or exc.status_code}}
 
 
 # ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from common.bus_security import WorkerCurve
 from common.metrics import MetricsServer, WorkerMetrics, WorkerProbes
 from common.protocol import Stage, WorkerInfo
 from common.stage_config import StageConfig
-from common.worker_runtime import StageHandler, StageWorker, run_stage_worker
+from common.worker_runtime import StageHandler, StageWorker, parse_router_targets, run_stage_worker
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +73,39 @@ def metrics_advertise_address(metrics_host: str, metrics_port: int, routers: lis
 
     The bind host when it is a concrete address; for a wildcard bind (0.0.0.0, ::), the local
     address the OS would send from towards the first router (a UDP connect: no packet leaves), so
-    a Prometheus next to the router reaches it; failing that, this host name's address."""
+    a Prometheus next to the router reaches it; failing that, this host name's address. `routers`
+    are --router values, each possibly a comma list. An address on loopback announced to a router
+    on another machine is logged as a warning (`loopback_advertise_warning`)."""
+    address = _derived_advertise_address(metrics_host, metrics_port, _router_hosts(routers))
+    warning = loopback_advertise_warning(address, routers)
+    if warning is not None:
+        logger.warning("%s", warning)
+    return address
+
+
+def _router_hosts(routers: list[str]) -> list[tuple[str, int]]:
+    """(host, port) of every tcp:// router among `routers` (--router values: repeated, comma lists or both)."""
+    try:
+        targets = parse_router_targets(routers)
+    except ValueError:  # the command line checked them; nothing usable here means no router to look at
+        return []
+    hosts = []
+    for target in targets:
+        if target.host is not None:
+            hosts.append((target.host, target.port))
+            continue
+        parsed = urlsplit(target.spec)  # an IP literal, or ipc:// / inproc:// (no host: on this machine)
+        if parsed.scheme == "tcp" and parsed.hostname:
+            hosts.append((parsed.hostname, parsed.port or defaults.BUS_PORT))
+    return hosts
+
+
+def _derived_advertise_address(metrics_host: str, metrics_port: int, routers: list[tuple[str, int]]) -> str:
     if metrics_host not in _WILDCARD_HOSTS:
         return _join_host_port(metrics_host, metrics_port)
-    for router in routers:
-        target = urlsplit(router)
-        if target.hostname is None:
-            continue
+    for host, port in routers:
         try:
-            family, _, _, _, sockaddr = socket.getaddrinfo(target.hostname, target.port or defaults.BUS_PORT, type=socket.SOCK_DGRAM)[0]
+            family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
             with socket.socket(family, socket.SOCK_DGRAM) as probe:
                 probe.connect(sockaddr)
                 return _join_host_port(probe.getsockname()[0], metrics_port)
@@ -91,6 +115,38 @@ def metrics_advertise_address(metrics_host: str, metrics_port: int, routers: lis
         return _join_host_port(socket.gethostbyname(socket.gethostname()), metrics_port)
     except OSError:
         return _join_host_port(socket.gethostname(), metrics_port)
+
+
+def loopback_advertise_warning(address: str, routers: list[str]) -> str | None:
+    """Why announcing `address` ("host:port") to `routers` (--router values) will not work, or None.
+
+    A loopback address (127.0.0.1, ::1, localhost) is only reachable on this machine: a router on
+    another machine lists it at /metrics/targets and its Prometheus scrapes itself, not this worker."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if not _is_loopback(host):
+        return None
+    remote = [_join_host_port(h, p) for h, p in _router_hosts(routers) if not _is_loopback(h)]
+    if not remote:
+        return None
+    return (f"this worker announces its metrics at {address}, a loopback address, to router(s) on another machine "
+            f"({', '.join(remote)}): a Prometheus there cannot scrape it. Pass --metrics-advertise HOST[:PORT] "
+            "(env GLM_METRICS_ADVERTISE) with an address that Prometheus reaches, and --metrics-host 0.0.0.0 (or "
+            "that address) so that the metrics port listens there")
+
+
+def _is_loopback(host: str) -> bool:
+    """`host` (an address or a name) is this machine only; a name counts if it resolves to loopback only."""
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        pass  # a name
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False  # unknown yet (a router pod not started): assume another machine
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%", 1)[0]).is_loopback for info in infos)
 
 
 def _join_host_port(host: str, port: int) -> str:

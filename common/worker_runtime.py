@@ -27,6 +27,7 @@ import ipaddress
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -167,10 +168,35 @@ class RouterTarget:
         has both, and two links to one router with the same identity would steal it from each other."""
         if self.host is None:
             return [self.spec]
-        infos = await asyncio.get_running_loop().getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        infos = await _getaddrinfo(self.host, self.port)
         v4 = [info[4][0] for info in infos if info[0] == socket.AF_INET]
         v6 = [info[4][0] for info in infos if info[0] == socket.AF_INET6]
         return sorted({_tcp_address(ip, self.port) for ip in v4 or v6})
+
+
+async def _getaddrinfo(host: str, port: int) -> list:
+    """`socket.getaddrinfo` in a daemon thread of its own. Not the loop's default executor: a lookup
+    stuck on a slow DNS server (seconds per try) would hold up the worker's exit, since the loop's
+    shutdown waits for every thread of that executor; an abandoned daemon thread holds up nothing."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(outcome: list | BaseException) -> None:
+        if not future.done():
+            future.set_exception(outcome) if isinstance(outcome, BaseException) else future.set_result(outcome)
+
+    def lookup() -> None:
+        try:
+            outcome = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except BaseException as exc:  # handed to the awaiting task
+            outcome = exc
+        try:
+            loop.call_soon_threadsafe(settle, outcome)
+        except RuntimeError:  # the loop closed meanwhile: nobody waits for the answer
+            pass
+
+    threading.Thread(target=lookup, name=f"resolve:{host}", daemon=True).start()
+    return await future
 
 
 def parse_router_targets(specs: list[str]) -> list[RouterTarget]:
@@ -213,6 +239,7 @@ class _RouterLink:
         self.handshake_problem: str | None = None
         self._problems_logged: set[str] = set()
         self._bare_failures = 0  # handshakes that failed without a reason in a row
+        self._send_problem: str | None = None  # why sends fail, logged once until one succeeds
         # The address left DNS: no new jobs from this router, the link closes once its jobs are done.
         self.retiring = False
         self.tasks: list[asyncio.Task] = []
@@ -293,12 +320,37 @@ class _RouterLink:
 
     def send_nowait(self, message) -> None:
         """Send now or drop (for progress, which the next message supersedes)."""
+        kind = type(message).__name__
         try:
-            self.socket.send_multipart(encode(message), flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            logger.debug("router %s is not reading: dropped a %s", self.address, type(message).__name__)
+            sent = self.socket.send_multipart(encode(message), flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:
-            logger.warning("send to router %s failed: %s", self.address, exc)
+            self._send_failed(exc, kind)
+            return
+        # zmq.asyncio reports even a non-blocking send's failure on the Future it returns, not by raising:
+        # read it, or each dropped message (a heartbeat a second on a refused link) logs a "Future
+        # exception was never retrieved" traceback.
+        sent.add_done_callback(lambda future: self._send_done(future, kind))
+
+    def _send_done(self, future: asyncio.Future, kind: str) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None:
+            self._send_problem = None
+        else:
+            self._send_failed(exc, kind)
+
+    def _send_failed(self, exc: BaseException, kind: str) -> None:
+        """A dropped message: EAGAIN (no connection or a full queue: the handshake problem, or the
+        router's silence, is logged where it is found) at debug level, anything else once."""
+        if isinstance(exc, zmq.Again):
+            logger.debug("router %s is not reading: dropped a %s", self.address, kind)
+            return
+        problem = f"{type(exc).__name__}: {exc}"
+        if problem != self._send_problem:
+            self._send_problem = problem
+            logger.warning("send to router %s failed (%s); the same failure is not logged again until a send "
+                           "succeeds", self.address, problem)
 
 
 class StageWorker:
@@ -360,8 +412,10 @@ class StageWorker:
                 lapse.cancel()
             self._offer_lapses.clear()
             for link in self.links:
-                # After a drain the last results and the Goodbye may still sit in the queue: let them out.
-                link.close(linger_ms=_DRAIN_LINGER_MS if self.draining else 0)
+                # After a drain the last results and the Goodbye may still sit in the queue: let them out,
+                # to a router that has this worker registered. Anything queued for a router that refused
+                # the handshake or is gone can never leave, and a linger would only hold up the exit.
+                link.close(linger_ms=_DRAIN_LINGER_MS if self.draining and link.registered else 0)
             self.ctx.term()
         if self._refusal is not None:
             raise self._refusal

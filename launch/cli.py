@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     from common.worker_runtime import parse_router_targets
 
     try:  # before loading any weights
-        parse_router_targets(args.router)
+        # One address per item: `--router A,B` is `--router A --router B` for everything downstream.
+        routers = [target.spec for target in parse_router_targets(args.router)]
         worker_curve = WorkerCurve.from_files(args.curve_router_key, args.curve_secret_key)
     except (BusSecurityError, ValueError) as exc:
         sys.exit(f"error: {exc}")
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     options = WorkerOptions(
         model_path=model,
         config=config,
-        routers=args.router,
+        routers=routers,
         worker_id=args.worker_id,
         device=device,
         metrics_port=args.metrics_port,
@@ -317,7 +318,25 @@ def main(argv: list[str] | None = None) -> None:
     try:
         uvloop.run(serve(options))
     except WorkerRefused as exc:
-        sys.exit(f"error: the router refused this worker: {exc}")
+        _exit_now(1, f"error: the router refused this worker: {exc}")
+    _exit_now(0)
+
+
+def _exit_now(status: int, message: str | None = None) -> None:
+    """End a worker process that has shut down: its sockets are closed, its engine is stopped and its
+    jobs are answered. What is left is the interpreter tearing down torch, transformers and vLLM
+    (thousands of modules): 1-5 s that release nothing and keep a SIGTERMed worker alive, so skip it."""
+    import logging
+
+    if message is not None:
+        print(message, file=sys.stderr)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 def _keygen(args) -> int:

@@ -39,6 +39,9 @@ from stage_ar.scaffold import build_scaffold
 
 logger = logging.getLogger(__name__)
 
+# Seconds vLLM's engine core gets to exit on shutdown before its process tree is killed.
+_ENGINE_SHUTDOWN_TIMEOUT_S = 1.0
+
 
 class VllmAREngine(AREngine):
     """GLM-Image AR stage on vLLM's AsyncLLM.
@@ -170,7 +173,10 @@ class VllmAREngine(AREngine):
     async def shutdown(self) -> None:
         engine, self._engine = self._engine, None
         if engine is not None:
-            engine.shutdown()
+            # vLLM's default waits 5 s for its engine core, whose own worker process outlives a SIGTERM
+            # on CPU; the process tree is killed after this instead (the kernel frees its memory, GPU
+            # memory included). Jobs are over by now: there is nothing to drain.
+            engine.shutdown(timeout=_ENGINE_SHUTDOWN_TIMEOUT_S)
             # Collect it now: AsyncLLM.__del__ shuts down again, which fails at interpreter exit.
             del engine
 

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from harness.local_cluster import Cluster, generate
+from harness.local_cluster import Cluster, free_port, generate
 from tests.helpers import cluster_with, metric
 
 
@@ -105,6 +105,30 @@ def test_sigterm_drains_a_worker(rc):
     rc.wait_for_workers(1, 0, timeout=10, exact=True)
     rc.start_worker("dit", "dit-0")
     rc.wait_for_workers(1, 1, timeout=180, exact=True)
+
+
+@pytest.mark.parametrize("stage", ["ar", "dit"])
+def test_an_idle_worker_exits_promptly_on_sigterm(rc, stage):
+    """No jobs, so nothing to wait for: exit within 2 s, also with a second router that never answers
+    (nothing queued for it can leave, so no linger on its socket). It took 2.5-4.5 s: that linger,
+    and the interpreter tearing down torch and friends after the worker had finished."""
+    name = f"{stage}-idle"
+    silent_router = f"tcp://127.0.0.1:{free_port()}"
+    rc.start_worker(stage, name, extra=["--router", silent_router])
+    try:
+        rc.wait_for_workers(2 if stage == "ar" else 1, 2 if stage == "dit" else 1, timeout=180, exact=True)
+        rc.wait_for_log(name, r"connecting to router " + re.escape(silent_router), timeout=10)
+        started = time.monotonic()
+        rc.kill(name, signal.SIGTERM)
+        status = rc.wait_exit(name, timeout=60)
+        took = time.monotonic() - started
+        log = rc.procs[name].log()
+        assert status == 0, log[-2000:]
+        assert took < 2.0, f"exited {took:.2f}s after SIGTERM\n{log[-2000:]}"
+        assert "draining: 0 job(s) in flight" in log
+    finally:
+        rc.kill(name)
+    rc.wait_for_workers(1, 1, timeout=30, exact=True)  # it said goodbye to the router
 
 
 def test_router_sigterm_finishes_in_flight_requests(rc):

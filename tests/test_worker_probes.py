@@ -8,7 +8,9 @@ and the metrics address a worker announces reaches the router (GET /metrics/targ
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +20,7 @@ import httpx
 import pytest
 
 from common.metrics import MetricsServer, WorkerMetrics, WorkerProbes
-from common.worker_main import metrics_advertise_address, parse_advertise
+from common.worker_main import loopback_advertise_warning, metrics_advertise_address, parse_advertise
 from harness.local_cluster import ROOT, TINY_STAGE_CONFIG, Cluster, free_port
 
 
@@ -160,6 +162,46 @@ def test_advertised_address_defaults_and_parsing():
     for bad in ("fd00::1", "host:0", "host:http", "", "a b", "[fd00::1"):
         with pytest.raises(ValueError, match="--metrics-advertise"):
             parse_advertise(bad, 9100)
+
+
+def test_a_comma_list_of_routers_works_like_repeated_router_flags(monkeypatch):
+    """`--router A,B` (as docs/deploy.md writes it) finds the address towards A, as `--router A --router B`
+    does; it used to fail to parse and fall back to this machine's name, unresolvable here."""
+    monkeypatch.setattr(socket, "gethostname", lambda: "worker-host.invalid")
+    for routers in (["tcp://[::1]:5570,tcp://[::1]:5571"], ["tcp://[::1]:5570", "tcp://[::1]:5571"],
+                    ["tcp://[::1]:5570, tcp://[::1]:5571", "tcp://[::1]:5572"]):
+        assert metrics_advertise_address("::", 9101, routers) == "[::1]:9101", routers
+    for routers in (["tcp://127.0.0.1:5570,tcp://127.0.0.2:5570"], ["tcp://127.0.0.1:5570", "tcp://127.0.0.2:5570"]):
+        assert metrics_advertise_address("0.0.0.0", 9100, routers) == "127.0.0.1:9100", routers
+
+
+@pytest.mark.parametrize("address, routers, remote", [
+    ("127.0.0.1:9100", ["tcp://10.0.0.5:5570"], ["10.0.0.5:5570"]),
+    ("127.0.0.1:9100", ["tcp://127.0.0.1:5570,tcp://10.0.0.6:5570"], ["10.0.0.6:5570"]),  # one remote is enough
+    ("[::1]:9100", ["tcp://127.0.0.1:5570", "tcp://[fd00::5]:5570"], ["[fd00::5]:5570"]),
+    ("localhost:9100", ["tcp://router.invalid:5570"], ["router.invalid:5570"]),  # unresolvable: assumed remote
+    ("127.0.0.1:9100", ["tcp://127.0.0.1:5570,tcp://[::1]:5570", "tcp://localhost:5570"], None),  # all local
+    ("127.0.0.1:9100", ["ipc:///tmp/glm-bus"], None),
+    ("10.0.0.7:9100", ["tcp://10.0.0.5:5570"], None),  # not loopback: reachable
+])
+def test_a_loopback_metrics_address_announced_to_a_remote_router_is_a_warning(address, routers, remote):
+    warning = loopback_advertise_warning(address, routers)
+    if remote is None:
+        assert warning is None
+        return
+    assert warning is not None and address in warning and "--metrics-advertise" in warning, warning
+    assert all(router in warning for router in remote), warning
+
+
+def test_the_default_metrics_host_with_a_remote_router_logs_the_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="common.worker_main"):
+        assert metrics_advertise_address("127.0.0.1", 9100, ["tcp://10.0.0.5:5570,tcp://10.0.0.6:5570"]) == "127.0.0.1:9100"
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "--metrics-advertise" in caplog.text and "10.0.0.6:5570" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="common.worker_main"):
+        metrics_advertise_address("127.0.0.1", 9100, ["tcp://127.0.0.1:5570"])
+    assert caplog.records == []
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -191,6 +191,25 @@ def test_forged_results_for_an_in_flight_job_are_dropped(hardened):
 
 
 
+def test_a_second_connection_under_a_live_workers_id_is_refused(hardened):
+    """Someone with an allowed key claims the live ar-0's id: the router keeps the live worker
+    (no restart, no flapping) and requests still go through it."""
+    start = len(hardened.procs["router"].log())
+    thief = FakeWorker(hardened.bus_address, b"ar-0")
+    try:
+        for _ in range(3):
+            thief.send(encode(heartbeat("ar-0", fingerprint=fingerprint(hardened))))
+        with pytest.raises(TimeoutError):
+            thief.expect_ping(timeout=3)  # the router never took the connection
+        response = generate(hardened.url, seed=11)
+        assert response.status_code == 200, response.text
+    finally:
+        thief.close()
+    log = hardened.procs["router"].log()[start:]
+    assert "worker ar-0 restarted" not in log and "worker ar-0 registered" not in log, log[-3000:]
+    router_is_healthy(hardened)
+
+
 def test_a_worker_with_another_stage_config_is_refused(hardened):
     """Config drift: a worker whose stage config differs is told why, never registered, and counted."""
     start = len(hardened.procs["router"].log())

@@ -129,6 +129,23 @@ def test_images_at_several_sizes_through_either_router(cluster):
     assert {t["targets"][0].split(":")[0] for t in targets} == {p.ip for p in cluster.replay.pods_of(AR) + cluster.replay.pods_of(DIT)}
 
 
+def test_both_router_pods_take_traffic_at_once(cluster):
+    """The routers are replicas sharing every worker: concurrent requests through all of them at
+    once queue for the shared slots (the workers arbitrate) and all succeed: no 5xx."""
+    routers = cluster.routers()
+    replies: list = [None] * (3 * len(routers))
+
+    def send(i: int) -> None:
+        replies[i] = cluster.generate(routers[i % len(routers)], seed=300 + i)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(replies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert [r.status for r in replies] == [200] * len(replies), [(r.status, r.body[:200]) for r in replies if r.status != 200]
+
+
 def test_unauthenticated_requests_are_refused(cluster):
     router = cluster.routers()[0]
     reply = cluster.client.http("POST", f"http://{router.ip}:{HTTP_PORT}/v1/images/generations",

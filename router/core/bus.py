@@ -140,9 +140,14 @@ class RouterBus:
         sock.setsockopt(zmq.MAXMSGSIZE, self.bus_config.max_message_bytes)
         # Sending to an unknown identity raises instead of vanishing silently.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # A worker that reconnects (new socket, same identity) takes its identity over at once,
-        # instead of being refused while its old connection is still being torn down.
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # A second connection under an identity that is connected already is refused (ZeroMQ's
+        # default, said out loud): with hand-over, anyone holding an allowed key could take a live
+        # worker's id and flap it out of rotation. A worker that restarts is not locked out: its
+        # old connection closes with its process, and ZeroMQ's own heartbeats close a connection
+        # whose peer vanished without a word (host lost) within the peer timeout.
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(self.bus_config.heartbeat_interval_s * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.bus_config.peer_timeout_s * 1000))
         if self.curve is not None:
             # The ZAP handler first: a CURVE socket with no handler bound lets every key in.
             self._zap = ZapAuthenticator(self.ctx, AllowList(self.curve.allow_dir), self._handshake_refused)

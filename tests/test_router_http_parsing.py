@@ -490,5 +490,5 @@ class TestServiceTier:
             response = post_with_tier(client, CHAT, "priority", stream=True)
             assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
             first_chunk = json.loads(response.text.split("data: ", 2)[1])
-            assert first_chunk["object"] == "chat.completion.chunk"
+            assert first_chunk["object"] == "chat.completion.chunk" and first_chunk["service_tier"] == "priority"
             assert [r.service_tier for r in backend.requests] == ["flex", "priority"]

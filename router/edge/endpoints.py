@@ -131,7 +131,7 @@ class ImageAPI:
         size = resolve_size(requested_size, self.limits, auto_size=conditions[0].size if conditions else None)
         image_request = self._image_request(request, body, prompt, size, conditions)
         if body.stream:
-            return await self._stream(request, image_request, chat_chunk_renderer(model), done_marker=CHAT_DONE)
+            return await self._stream(request, image_request, chat_chunk_renderer(model, image_request.service_tier), done_marker=CHAT_DONE)
         return await self._serve(
             request, image_request, lambda req, images: chat_completion_response(req, images, model))
 

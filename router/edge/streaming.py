@@ -240,8 +240,9 @@ def _b64(data: bytes) -> str:
 # Chat API chunks
 
 
-def chat_chunk_renderer(model: str) -> RenderEvent:
-    """Renders each finished image as a `chat.completion.chunk` (choice `image_index`)."""
+def chat_chunk_renderer(model: str, service_tier: str) -> RenderEvent:
+    """Renders each finished image as a `chat.completion.chunk` (choice `image_index`), with the
+    service tier the request ran in, as OpenAI's chunks carry it."""
     chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
 
     def render(event: GenerationEvent) -> str | None:
@@ -251,8 +252,8 @@ def chat_chunk_renderer(model: str) -> RenderEvent:
         url = f"data:{media_type(image.output_format)};base64,{_b64(image.image)}"
         delta = {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": url}}]}
         return sse(None, {"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                          "model": model, "choices": [{"index": event.image_index, "delta": delta,
-                                                       "finish_reason": "stop"}]})
+                          "model": model, "service_tier": service_tier,
+                          "choices": [{"index": event.image_index, "delta": delta, "finish_reason": "stop"}]})
 
     return render
 

@@ -45,6 +45,7 @@ REFUSED_UNKNOWN_KEY = "curve_unknown_key"  # a CURVE client whose key is not in 
 REFUSED_NO_KEY = "curve_no_key"  # a client without CURVE (plaintext) at a CURVE router
 REFUSED_BAD_HANDSHAKE = "curve_bad_handshake"  # e.g. a worker using the wrong router public key
 REFUSED_UNEXPECTED_CURVE = "curve_unexpected"  # a CURVE client at a router without CURVE
+HANDSHAKE_REFUSAL_REASONS = (REFUSED_UNKNOWN_KEY, REFUSED_NO_KEY, REFUSED_BAD_HANDSHAKE, REFUSED_UNEXPECTED_CURVE)
 
 
 class BusSecurityError(ValueError):

@@ -13,13 +13,14 @@ from typing import Final
 
 MODEL_NAME: Final[str] = "zai-org/GLM-Image"  # the model id /v1/models reports for real weights
 
-# Addresses. The launcher, worker metrics and the supervisor's metrics bind this machine only unless
-# asked; a standalone router (its own container or node) serves every interface.
+# Addresses. Everything binds this machine only unless asked: the launcher, a standalone router (HTTP
+# and bus), worker metrics and the supervisor's metrics. Serving other machines is a choice made on
+# the command line (--host 0.0.0.0, --bus-bind tcp://0.0.0.0:5570; deploy/k8s passes both).
 LOCAL_HOST: Final[str] = "127.0.0.1"
-ROUTER_HOST: Final[str] = "0.0.0.0"
+ROUTER_HOST: Final[str] = LOCAL_HOST
 HTTP_PORT: Final[int] = 8000  # the router's HTTP API
 BUS_PORT: Final[int] = 5570  # the router's ZeroMQ bus, which the workers connect to
-ROUTER_BUS_BIND: Final[str] = f"tcp://*:{BUS_PORT}"  # a standalone router's bus: every interface
+ROUTER_BUS_BIND: Final[str] = f"tcp://{LOCAL_HOST}:{BUS_PORT}"  # a standalone router's bus
 ROUTER_URL: Final[str] = f"http://{LOCAL_HOST}:{HTTP_PORT}"  # where the client looks for a router
 
 # Stopping: the router finishes in-flight requests, a worker drains its jobs, each for this long

@@ -111,7 +111,8 @@ def _add_api_keys(p: argparse.ArgumentParser) -> None:
                         "mounted Kubernetes Secret; re-read when it changes [env GLM_API_KEY_FILE]")
     g.add_argument("--protect-metrics", action="store_true",
                    help="/metrics and /metrics/targets need a key too (Prometheus: `authorization: "
-                        "{credentials_file: ...}`); default: open, like /health")
+                        "{type: Bearer, credentials_file: ...}`, type spelled out in http_sd_configs); default: open, "
+                        "like /health")
 
 
 def _api_key_config(args):
@@ -171,9 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("router", help="HTTP router (OpenAI-compatible API) that binds the worker bus")
     _add_common(r)
-    r.add_argument("--host", default=defaults.ROUTER_HOST, help="HTTP listen address (default: %(default)s)")
+    r.add_argument("--host", default=defaults.ROUTER_HOST,
+                   help="HTTP listen address (default: %(default)s, this machine only; 0.0.0.0 for clients elsewhere)")
     r.add_argument("--port", type=int, default=defaults.HTTP_PORT, help="HTTP port (default: %(default)s)")
-    r.add_argument("--bus-bind", default=defaults.ROUTER_BUS_BIND, help="ZeroMQ address workers connect to (default: %(default)s)")
+    r.add_argument("--bus-bind", default=defaults.ROUTER_BUS_BIND,
+                   help="ZeroMQ address the bus binds, where workers connect (default: %(default)s, this machine only; "
+                        "tcp://0.0.0.0:PORT for workers on other machines, with CURVE: --curve-secret-key)")
     r.add_argument("--model-name", default=defaults.MODEL_NAME, help="model name reported by /v1/models (default: %(default)s)")
     r.add_argument("--shutdown-grace", type=float, default=defaults.SHUTDOWN_GRACE_S,
                    help="seconds SIGTERM waits for in-flight HTTP requests (default: %(default)s)")

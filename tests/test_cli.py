@@ -129,6 +129,19 @@ def _parser_default(command: str, dest: str):
     return next(a.default for a in sub._actions if a.dest == dest)
 
 
+def test_a_bare_router_binds_this_machine_only():
+    """`glm-image-serve router` with no address flags serves 127.0.0.1 only, HTTP and bus, as docs/deploy.md
+    says of every process: serving other machines takes --host / --bus-bind (deploy/k8s passes both)."""
+    import ipaddress
+
+    from router.core.bus import is_local_bind
+
+    router = build_parser().parse_args(["router"])
+    assert ipaddress.ip_address(router.host).is_loopback, router.host
+    assert is_local_bind(router.bus_bind), router.bus_bind
+    assert "127.0.0.1 by default" in (ROOT / "docs" / "deploy.md").read_text()
+
+
 def test_the_parsers_read_their_defaults_from_the_defaults_module(monkeypatch):
     """Each default changed in common/defaults.py alone changes the command line: no parser repeats a value."""
     from common import defaults

@@ -11,7 +11,7 @@ from prometheus_client import generate_latest
 
 from harness.local_cluster import Cluster, generate
 from launch.supervisor import SupervisorMetrics
-from tests.metrics_catalogue import Family, documented_families, exported_families
+from tests.metrics_catalogue import ROOT, Family, documented_families, exported_families
 
 PREFIXES = {"router": "glm_router_", "worker": "glm_worker_", "supervisor": "glm_supervisor_"}
 # With an API key the router exports its auth families too (/metrics stays open without --protect-metrics).
@@ -74,3 +74,26 @@ def test_names_follow_the_prometheus_conventions(exported):
             body = f"_{name.removeprefix(PREFIXES[kind]).removesuffix('_total')}_"
             for label in family.labels or ():
                 assert f"_{label}_" not in body, f"{name} repeats its label {label!r} in its name"
+
+
+def test_every_worker_refusal_reason_is_exported_at_zero_and_documented():
+    """Each reason of glm_router_workers_refused is a series (0) from the start, so a rate or an alert on
+    `curve_unknown_key` works before the first refusal, and docs/metrics.md names each one."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from common import bus_security
+    from router.core.metrics import RouterMetrics
+
+    reasons = {"config_mismatch"} | {value for name, value in vars(bus_security).items() if name.startswith("REFUSED_")}
+    assert len(reasons) == 5, reasons
+    registry = CollectorRegistry()
+    RouterMetrics(registry)
+    exported = {sample.labels["reason"]: sample.value
+                for family in text_string_to_metric_families(generate_latest(registry).decode())
+                if family.name == "glm_router_workers_refused" for sample in family.samples
+                if sample.name == "glm_router_workers_refused_total"}
+    assert exported == dict.fromkeys(reasons, 0.0)
+    row = next(line for line in (ROOT / "docs" / "metrics.md").read_text().splitlines()
+               if line.startswith("| `glm_router_workers_refused_total` |"))
+    assert {reason for reason in reasons if f"`{reason}`" in row} == reasons, row

@@ -361,3 +361,73 @@ def test_a_killed_worker_is_counted_as_lost_and_leaves_the_targets(system):
     assert [g["labels"]["worker_id"] for g in targets] == ["ar-0"]
     gauges = _stage_gauges(cluster.url)
     assert gauges["glm_router_slots", "dit"] == 1 and gauges["glm_router_live_workers", "dit"] == 1, gauges
+
+
+def _uncommented_authorization(config_text: str) -> str:
+    """The example config with its commented-out `authorization:` blocks (for --protect-metrics) turned on."""
+    lines, inside = [], False
+    for line in config_text.splitlines():
+        match = re.fullmatch(r"(\s*)# (authorization:.*|  \S.*)", line)
+        if match and (match.group(2).startswith("authorization:") or inside):
+            inside = True
+            lines.append(match.group(1) + match.group(2))
+            continue
+        inside = False
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def test_the_example_authorization_reaches_a_router_with_protected_metrics(tiny_model, tmp_path):
+    """With --protect-metrics, the commented `authorization` blocks of deploy/prometheus/prometheus.yml, turned
+    on, let a real Prometheus scrape the router and read /metrics/targets. Inside http_sd_configs Prometheus
+    2.42 sends the bare key (401) unless the block says `type: Bearer`, which docs/http_security.md says."""
+    key = "prometheus-scrape-key"
+    key_file = tmp_path / "api-key"
+    key_file.write_text(key)
+    cluster = Cluster(model=tiny_model, workdir=tmp_path, num_ar=0, num_dit=0, api_keys=(key,))
+    cluster.start_router(extra=["--protect-metrics"])
+    prometheus = None
+    try:
+        cluster.wait_for_http()
+        with _http() as http:
+            assert http.get(f"{cluster.url}/metrics/targets").status_code == 401  # protected indeed
+        config = yaml.safe_load(_uncommented_authorization(PROMETHEUS_CONFIG.read_text()))
+        config.pop("rule_files")
+        config["global"].update(scrape_interval=SCRAPE_INTERVAL, scrape_timeout=SCRAPE_INTERVAL)
+        jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+        router, workers = jobs["glm-image-router"], jobs["glm-image-workers"]
+        sd = workers["http_sd_configs"][0]
+        assert router["authorization"]["type"] == sd["authorization"]["type"] == "Bearer"
+        router["static_configs"][0]["targets"] = [f"127.0.0.1:{cluster.http_port}"]
+        router["authorization"]["credentials_file"] = sd["authorization"]["credentials_file"] = str(key_file)
+        sd.update(url=f"{cluster.url}/metrics/targets", refresh_interval=SCRAPE_INTERVAL)
+        path = tmp_path / "prometheus.yml"
+        path.write_text(yaml.safe_dump(config))
+        prometheus = Prometheus(path, tmp_path)
+        prometheus.wait_ready()
+
+        def own_metric(name: str, **labels: str) -> float:
+            text = prometheus.http.get(f"{prometheus.url}/metrics").text
+            selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            found = re.search(rf"^{name}(?:\{{{selector}[^}}]*\}})? (\S+)$", text, re.M)
+            return float(found.group(1)) if found else 0.0
+
+        deadline = time.monotonic() + DATA_DEADLINE_S
+        while time.monotonic() < deadline:
+            up = prometheus.query('up{job="glm-image-router"}')
+            refreshed = own_metric("prometheus_sd_refresh_duration_seconds_count", mechanism="http")
+            if up and up[0]["value"][1] == "1" and refreshed >= 3:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"no scrape of the router or no refresh of its targets:\n{prometheus.log()[-3000:]}")
+        assert own_metric("prometheus_sd_http_failures_total") == 0, prometheus.log()[-3000:]
+        assert "401" not in prometheus.log()
+        with _http() as http:
+            failures = dict(re.findall(r'^glm_router_http_auth_failures_total\{reason="(\w+)"\} (\S+)$',
+                                       http.get(f"{cluster.url}/metrics", headers=cluster.auth_headers).text, re.M))
+        assert failures == {"missing": "1.0", "malformed": "0.0", "invalid": "0.0"}, failures  # the check above only
+    finally:
+        if prometheus is not None:
+            prometheus.stop()
+        cluster.stop()

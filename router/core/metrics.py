@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from common.bus_security import HANDSHAKE_REFUSAL_REASONS
 from common.metrics import LATENCY_BUCKETS
 from common.protocol import Stage
 from router.core.image_request import SERVICE_TIERS
@@ -24,6 +25,8 @@ from router.core.worker_pool import LOSS_REASONS
 # them is a series (0) rather than nothing until the first event (Prometheus best practice).
 IMAGE_OUTCOMES = ("ok", "failed", "cancelled", "cached")
 RETRY_REASONS = ("worker_lost", "overloaded", "internal", "cancelled")
+# A worker whose stage config differs (router/core/bus.py), then every refused bus handshake (CURVE).
+WORKER_REFUSAL_REASONS = ("config_mismatch", *HANDSHAKE_REFUSAL_REASONS)
 REJECT_REASONS = ("queue_full", "wait", "tenant_cap")
 
 
@@ -129,7 +132,8 @@ class RouterMetrics:
                 self.queue_wait.labels(stage=stage.value, tier=tier)
         for outcome in ("hit", "miss"):
             self.result_cache.labels(outcome=outcome)
-        self.workers_refused.labels(reason="config_mismatch")
+        for reason in WORKER_REFUSAL_REASONS:
+            self.workers_refused.labels(reason=reason)
 
     def watch_stages(self, snapshot: Callable[[], Mapping[Stage, StageSnapshot]]) -> None:
         """Export `snapshot()` (called at every scrape, on the event loop) as the per-stage families."""

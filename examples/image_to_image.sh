@@ -19,7 +19,7 @@ case "${OUT,,}" in *.jpg | *.jpeg) FORMAT=jpeg ;; *.webp) FORMAT=webp ;; *) FORM
 form=(-F "image[]=@$INPUT" --form-string "prompt=$PROMPT" --form-string "output_format=$FORMAT")
 [ -z "${SIZE:-}" ] || form+=(--form-string "size=$SIZE")
 [ -z "${STEPS:-}" ] || form+=(--form-string "num_inference_steps=$STEPS")
-[ -z "${SEED:-}" ] || form+=(--form-string "seed=$SEED")
+[ -z "${SEED:-}" ] || form+=(--form-string "seed=$SEED")  # text: exact, whatever its size
 
 auth=()
 [ -z "${GLM_API_KEY:-}" ] || auth=(-H "Authorization: Bearer $GLM_API_KEY")
@@ -31,4 +31,5 @@ if [ "$status" != 200 ]; then
   exit 1
 fi
 jq -r '.data[0].b64_json' "$response" | base64 -d > "$OUT"
-echo "saved $OUT ($(jq -r '"\(.size), seed \(.seeds[0])"' "$response"))"
+# The seed from the text, not through jq: jq 1.6 prints numbers as doubles, rounded above 2^53.
+echo "saved $OUT ($(jq -r .size "$response"), seed $(grep -o '"seeds": *\[[0-9]*' "$response" | grep -o '[0-9]*$'))"

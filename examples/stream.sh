@@ -14,13 +14,19 @@ PROMPT=${1:?usage: $0 \"PROMPT\" [OUT.png]}
 OUT=${2:-out.png}
 case "${OUT,,}" in *.jpg | *.jpeg) FORMAT=jpeg ;; *.webp) FORMAT=webp ;; *) FORMAT=png ;; esac
 
-body=$(jq -n --arg prompt "$PROMPT" --arg format "$FORMAT" --arg partials "${PARTIALS:-2}" \
-  --arg size "${SIZE:-}" --arg steps "${STEPS:-}" --arg seed "${SEED:-}" '
+body=$(jq -nc --arg prompt "$PROMPT" --arg format "$FORMAT" --arg partials "${PARTIALS:-2}" \
+  --arg size "${SIZE:-}" --arg steps "${STEPS:-}" '
   {prompt: $prompt, output_format: $format, stream: true, stream_progress: true,
    partial_images: ($partials | tonumber)}
   + (if $size != "" then {size: $size} else {} end)
-  + (if $steps != "" then {num_inference_steps: ($steps | tonumber)} else {} end)
-  + (if $seed != "" then {seed: ($seed | tonumber)} else {} end)')
+  + (if $steps != "" then {num_inference_steps: ($steps | tonumber)} else {} end)')
+# The seed goes in as the digits given, not through jq: jq 1.6 reads numbers as doubles, which round
+# seeds above 2^53 (seeds go up to 2^63-1).
+if [ -n "${SEED:-}" ]; then
+  [[ $SEED =~ ^[0-9]+$ ]] || { echo "$0: SEED must be a whole number, 0 or more (got '$SEED')" >&2; exit 2; }
+  seed=${SEED#"${SEED%%[!0]*}"}  # without leading zeros, which JSON numbers may not have
+  body="${body%\}},\"seed\":${seed:-0}}"
+fi
 
 auth=()
 [ -z "${GLM_API_KEY:-}" ] || auth=(-H "Authorization: Bearer $GLM_API_KEY")
@@ -43,7 +49,8 @@ while IFS= read -r line || [ -n "$line" ]; do  # the last line may lack its newl
           echo "preview saved: $preview" ;;
         *.completed)
           jq -r .b64_json <<<"$data" | base64 -d > "$OUT"
-          echo "saved $OUT ($(jq -r '"\(.size), seed \(.seed)"' <<<"$data"))" ;;
+          # The seed from the text, not through jq: jq 1.6 prints numbers as doubles, rounded above 2^53.
+          echo "saved $OUT ($(jq -r .size <<<"$data"), seed $(grep -o '"seed": *[0-9]*' <<<"$data" | grep -o '[0-9]*$'))" ;;
         error)
           echo "error: $(jq -r .error.message <<<"$data")" >&2
           exit 1 ;;

@@ -14,12 +14,18 @@ OUT=${2:-out.png}
 case "${OUT,,}" in *.jpg | *.jpeg) FORMAT=jpeg ;; *.webp) FORMAT=webp ;; *) FORMAT=png ;; esac
 
 # jq writes the JSON body, so quotes in the prompt are escaped properly.
-body=$(jq -n --arg prompt "$PROMPT" --arg format "$FORMAT" \
-  --arg size "${SIZE:-}" --arg steps "${STEPS:-}" --arg seed "${SEED:-}" '
+body=$(jq -nc --arg prompt "$PROMPT" --arg format "$FORMAT" \
+  --arg size "${SIZE:-}" --arg steps "${STEPS:-}" '
   {prompt: $prompt, output_format: $format}
   + (if $size != "" then {size: $size} else {} end)
-  + (if $steps != "" then {num_inference_steps: ($steps | tonumber)} else {} end)
-  + (if $seed != "" then {seed: ($seed | tonumber)} else {} end)')
+  + (if $steps != "" then {num_inference_steps: ($steps | tonumber)} else {} end)')
+# The seed goes in as the digits given, not through jq: jq 1.6 reads numbers as doubles, which round
+# seeds above 2^53 (seeds go up to 2^63-1).
+if [ -n "${SEED:-}" ]; then
+  [[ $SEED =~ ^[0-9]+$ ]] || { echo "$0: SEED must be a whole number, 0 or more (got '$SEED')" >&2; exit 2; }
+  seed=${SEED#"${SEED%%[!0]*}"}  # without leading zeros, which JSON numbers may not have
+  body="${body%\}},\"seed\":${seed:-0}}"
+fi
 
 auth=()
 [ -z "${GLM_API_KEY:-}" ] || auth=(-H "Authorization: Bearer $GLM_API_KEY")
@@ -32,4 +38,5 @@ if [ "$status" != 200 ]; then
   exit 1
 fi
 jq -r '.data[0].b64_json' "$response" | base64 -d > "$OUT"
-echo "saved $OUT ($(jq -r '"\(.size), seed \(.seeds[0])"' "$response"))"
+# The seed from the text, not through jq: jq 1.6 prints numbers as doubles, rounded above 2^53.
+echo "saved $OUT ($(jq -r .size "$response"), seed $(grep -o '"seeds": *\[[0-9]*' "$response" | grep -o '[0-9]*$'))"

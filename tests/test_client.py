@@ -221,9 +221,15 @@ def run_example(script: str, *args: str, env: dict) -> subprocess.CompletedProce
     return result
 
 
+# Above 2^53: jq 1.6 (and any float64 JSON reader) would send and print 9007199254740992.
+BIG_SEED = "9007199254740993"
+
+
 def test_text_to_image_sh(shell_env, tmp_path):
     out = tmp_path / 'with "quotes".png'
-    run_example("text_to_image.sh", 'a sign that says "HELLO"', str(out), env={**shell_env, "SIZE": "256x256"})
+    result = run_example("text_to_image.sh", 'a sign that says "HELLO"', str(out),
+                         env={**shell_env, "SIZE": "256x256", "SEED": BIG_SEED})
+    assert f"seed {BIG_SEED})" in result.stdout, result.stdout
     assert open_image(out.read_bytes()).size == (256, 256)
     assert open_image(out.read_bytes()).format == "PNG"
 
@@ -232,13 +238,16 @@ def test_image_to_image_sh(shell_env, tmp_path):
     condition = tmp_path / "in.png"
     condition.write_bytes(noise_png(320, 256))
     out = tmp_path / "out.png"
-    run_example("image_to_image.sh", "@make it snow", str(condition), str(out), env=shell_env)
+    result = run_example("image_to_image.sh", "@make it snow", str(condition), str(out), env={**shell_env, "SEED": BIG_SEED})
+    assert f"seed {BIG_SEED})" in result.stdout, result.stdout
     assert open_image(out.read_bytes()).size == (320, 256)
 
 
 def test_stream_sh(shell_env, tmp_path):
     out = tmp_path / "streamed.png"
-    result = run_example("stream.sh", PROMPT, str(out), env={**shell_env, "SIZE": "256x256", "PARTIALS": "2"})
+    result = run_example("stream.sh", PROMPT, str(out),
+                         env={**shell_env, "SIZE": "256x256", "PARTIALS": "2", "SEED": BIG_SEED})
+    assert f"seed {BIG_SEED})" in result.stdout, result.stdout
     assert open_image(out.read_bytes()).size == (256, 256)
     assert all(open_image((tmp_path / f"streamed.partial-{k}.png").read_bytes()) for k in (0, 1))
     assert "ar: 321/321" in result.stdout and "dit: 4/4" in result.stdout

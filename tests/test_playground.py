@@ -252,3 +252,39 @@ def test_stop_ends_a_running_generation(cluster, browser):
     assert browser.find_elements(By.CSS_SELECTOR, ".card.failed")
     assert not browser.find_element(By.ID, "error").is_displayed()
     assert javascript_errors(browser) == []
+
+
+BIG_SEED = "9007199254740993"  # 2^53 + 1: a JavaScript number (a double) would make it ...992
+
+
+def test_a_seed_beyond_2_53_is_sent_shown_and_reused_exactly(cluster, browser):
+    open_playground(browser, cluster.url)
+    # The page's own JSON helpers: seeds are digit strings both ways, whatever else the JSON holds.
+    parsed = browser.execute_script(
+        'return parseJson(arguments[0])',
+        '{"seed": 9007199254740993, "seeds": [9223372036854775807, 1], "n": 2, '
+        '"prompt": "say \\"seed\\": 5", "b64_json": "QUJD"}')
+    assert parsed == {"seed": BIG_SEED, "seeds": ["9223372036854775807", "1"], "n": 2, "prompt": 'say "seed": 5',
+                      "b64_json": "QUJD"}
+    assert browser.execute_script('return requestJson({prompt: "a", n: 1, seed: arguments[0]})', BIG_SEED) == \
+        '{"prompt":"a","n":1,"seed":9007199254740993}'
+
+    fill_form(browser, "an exact seed", "256x256", steps=1, partials=0, seed=int(BIG_SEED))
+    browser.find_element(By.ID, "generate").click()
+    wait_for_final_image(browser)
+    # The server reports the seed it used: shown as sent, so it was sent exactly and read back exactly.
+    title = browser.find_element(By.CSS_SELECTOR, ".card .title").text
+    assert title.endswith(f"seed {BIG_SEED}"), title
+    assert f"seed{BIG_SEED}." in browser.find_element(By.CSS_SELECTOR, ".card a.download").get_attribute("download")
+    first = downloaded_image(browser, browser.find_element(By.CSS_SELECTOR, ".card a.download")).tobytes()
+
+    # "Use this seed" puts the exact digits back in the field, and they make the same image again.
+    fill(browser, "seed", "1")
+    browser.find_element(By.CSS_SELECTOR, ".card .reuse-seed").click()
+    assert browser.find_element(By.ID, "seed").get_attribute("value") == BIG_SEED
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, GENERATION_TIMEOUT).until(
+        lambda b: b.find_element(By.ID, "status").text.startswith("done"))
+    assert browser.find_element(By.CSS_SELECTOR, ".card .title").text.endswith(f"seed {BIG_SEED}")
+    assert downloaded_image(browser, browser.find_element(By.CSS_SELECTOR, ".card a.download")).tobytes() == first
+    assert javascript_errors(browser) == []

@@ -37,6 +37,24 @@ def test_calls_without_a_seed_differ_and_the_returned_seed_reproduces_them(clust
     assert image_bytes(again) == image_bytes(a)
 
 
+def test_random_seeds_stay_below_2_53_and_big_client_seeds_come_back_exact(cluster):
+    """A drawn seed (and seed + n - 1) fits a float64 exactly, so JavaScript, jq and every JSON reader show the
+    seed that reproduces the image; a client's own seed may be larger (up to 2^63 - 1) and is echoed as sent."""
+    seeds = []
+    for _ in range(4):  # a draw below 2^63 lands below 2^53 once in 1024: four in a row never by chance
+        response = _ok(generate(cluster.url, seed=None, prompt=PROMPT, steps=1, n=2))
+        body = response.json()
+        assert [item["seed"] for item in body["data"]] == body["seeds"]
+        assert body["seeds"][1] == body["seeds"][0] + 1
+        seeds += body["seeds"]
+    assert all(0 <= seed < 2**53 for seed in seeds), seeds
+    assert all(int(float(seed)) == seed for seed in seeds)
+    big = 2**53 + 1  # 9007199254740993: no float64 holds it
+    response = _ok(generate(cluster.url, seed=big, prompt=PROMPT, steps=1))
+    assert response.json()["seeds"] == [big]
+    assert f"[{big}]" in response.text.replace(" ", "")  # the exact digits on the wire
+
+
 @pytest.fixture(scope="module")
 def cached(tiny_model, tmp_path_factory):
     with cluster_with(tiny_model, tmp_path_factory, "cache", {"router": {"result_cache_bytes": CACHE_BYTES}}) as c:

@@ -5,6 +5,10 @@
 // are attached, with stream + stream_progress, and reads the server-sent events with
 // fetch() + a stream reader: EventSource can only GET. An API key, when the server needs one, is
 // sent as "Authorization: Bearer KEY" and kept in sessionStorage: this tab only, gone when it closes.
+//
+// Seeds go up to 2^63 - 1, beyond what a JavaScript number holds exactly (2^53): they are kept as
+// strings of digits from the seed field to the request body and from the response back to the page
+// (parseJson), never as numbers, so a seed shown or reused is the seed the server used.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -181,17 +185,42 @@ function requestFields() {
     stream: true,
     stream_progress: true,
   };
-  for (const key of ["num_inference_steps", "guidance_scale", "seed"]) {
+  for (const key of ["num_inference_steps", "guidance_scale"]) {
     if (fields[key] === "") delete fields[key];
     else fields[key] = Number(fields[key]);
   }
+  const seed = fields.seed.trim();
+  if (seed === "") delete fields.seed;
+  else if (/^[0-9]+$/.test(seed)) fields.seed = BigInt(seed).toString(); // exact, without leading zeros
+  else throw new Error(`seed ${seed} is not valid: a seed is a whole number, 0 or more`);
   return fields;
+}
+
+// `fields` as JSON, the seed (a string of digits) written as the exact integer it is: JSON.stringify
+// of a number would round it (9007199254740993 becomes 9007199254740992).
+function requestJson(fields) {
+  const { seed, ...rest } = fields;
+  const json = JSON.stringify(rest);
+  return seed === undefined ? json : `${json.slice(0, -1)},"seed":${seed}}`;
+}
+
+// JSON.parse, except that every "seed" and every item of "seeds" is a string of the exact digits
+// the server wrote: JSON.parse alone reads numbers as doubles and rounds seeds above 2^53. The pattern
+// matches whole string literals, so text inside a string (a prompt, base64) is never taken for a key.
+const STRING_OR_SEED = /"[^"\\]*(?:\\.[^"\\]*)*"(?:(\s*:\s*)(\[[\s0-9,]*\]|[0-9]+))?/g;
+
+function parseJson(text) {
+  return JSON.parse(text.replace(STRING_OR_SEED, (match, colon, value) => {
+    if (value === undefined) return match;
+    const key = match.slice(0, match.length - colon.length - value.length);
+    return key === '"seed"' || key === '"seeds"' ? key + colon + value.replace(/[0-9]+/g, '"$&"') : match;
+  }));
 }
 
 function buildRequest(fields) {
   if (conditionFiles.length === 0) {
     return ["/v1/images/generations",
-            { method: "POST", headers: { "Content-Type": "application/json", ...authHeaders() }, body: JSON.stringify(fields) }];
+            { method: "POST", headers: { "Content-Type": "application/json", ...authHeaders() }, body: requestJson(fields) }];
   }
   const form = new FormData();
   for (const [key, value] of Object.entries(fields)) form.append(key, String(value));
@@ -223,7 +252,7 @@ async function generate() {
     if ((response.headers.get("Content-Type") || "").startsWith("text/event-stream")) {
       await readEvents(response.body, (name, data) => handleEvent(cards, name, data));
     } else {
-      showWholeResponse(cards, await response.json()); // a server without streaming answers whole
+      showWholeResponse(cards, parseJson(await response.text())); // a server without streaming answers whole
     }
     const missing = cards.filter((card) => !card.done).length;
     if (missing) throw new Error(`the stream ended before ${missing} of the images arrived`);
@@ -291,7 +320,7 @@ function parseBlock(block) {
     if (field === "event") name = value;
     else if (field === "data") data.push(value);
   }
-  return data.length ? { name, data: JSON.parse(data.join("\n")) } : null;
+  return data.length ? { name, data: parseJson(data.join("\n")) } : null;
 }
 
 function handleEvent(cards, name, data) {
@@ -382,6 +411,10 @@ function makeCard(index) {
       const seed = data.seed != null ? data.seed : index;
       Object.assign(q(".download"), { href: url, download: `glm-image-${data.size || ""}-seed${seed}.${extension}`, hidden: false });
       q(".title").textContent = `Image ${index + 1}${data.seed != null ? ` · seed ${data.seed}` : ""}`;
+      if (data.seed != null) {
+        // Back into the seed field as the exact digits (a string): Generate then makes this image again.
+        Object.assign(q(".reuse-seed"), { hidden: false, title: `seed ${data.seed}` }).onclick = () => { $("seed").value = data.seed; };
+      }
       view.alt = `generated image ${index + 1}`;
       if (data.timings) {
         q(".timings").textContent = Object.entries(data.timings)

@@ -34,7 +34,7 @@ from common.sizes import ImageSize
 # 2: sizes named height/width everywhere, worker config fingerprints, RegistrationRefused.
 # 3: WorkerInfo.metrics_address. Models forbid unknown fields, so a v2 router would reject every
 #    v3 heartbeat as "invalid message"; the bump makes the mismatch a clear version error instead.
-# 4: Heartbeat.running/free_slots, SlotOffer and OfferDeclined (slots shared by several routers).
+# 4: Heartbeat.running_elsewhere/free_slots, SlotOffer and OfferDeclined (slots shared by several routers).
 PROTOCOL_VERSION = 4
 # Limits on what a decoder accepts from a peer.
 MAX_FRAMES = 64
@@ -212,9 +212,9 @@ class Heartbeat(_Model):
     type: Literal["heartbeat"] = "heartbeat"
     info: WorkerInfo
     draining: bool = False
-    # Jobs running now, from every router; and slots the receiving router may fill now (slots held
-    # for another router's offer are not free to this one).
-    running: int = Field(0, ge=0)
+    # Jobs running now for *other* routers (the receiver knows its own), and slots the receiving
+    # router may fill now (slots held for another router's offer are not free to it).
+    running_elsewhere: int = Field(0, ge=0)
     free_slots: int = Field(0, ge=0)
 
 

@@ -450,7 +450,8 @@ class StageWorker:
         self.stop()
 
     def _heartbeat(self, link: _RouterLink) -> Heartbeat:
-        return Heartbeat(info=self.info, draining=self.draining or link.retiring, running=len(self.jobs),
+        return Heartbeat(info=self.info, draining=self.draining or link.retiring,
+                         running_elsewhere=sum(1 for job in self.jobs.values() if job.link is not link),
                          free_slots=self.slots.free_for(link))
 
     # -- slots shared by several routers --------------------------------------------------------

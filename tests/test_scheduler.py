@@ -142,7 +142,8 @@ class SharedWorker:
             self.routers[router].slot_offered(self.worker_id)
 
     def heartbeat(self, router: str) -> Heartbeat:
-        return Heartbeat(info=self.info, running=len(self.running), free_slots=self.slots.free_for(router))
+        elsewhere = sum(1 for owner, _ in self.running.values() if owner != router)
+        return Heartbeat(info=self.info, running_elsewhere=elsewhere, free_slots=self.slots.free_for(router))
 
 
 class FakeTransport:
@@ -305,6 +306,22 @@ async def test_every_stage_bounds_its_line():
     assert full.value.retry_after_s >= 1
     admitted[0].release()
     scheduler.admit(fleet.request()).release()
+
+
+async def test_a_heartbeat_sent_during_our_own_job_does_not_count_it_twice():
+    """Heartbeats report the jobs run for *other* routers: one sent while this router's job ran
+    must not make the idle worker look busy once that job is done (it did: 429s on an idle fleet)."""
+    ar, dit = SharedWorker("ar0", Stage.AR, 1), SharedWorker("dit0", Stage.DIT, 1)
+    fleet = Fleet(stage_config(queue_limit_per_stage=0), [ar, dit])
+    scheduler = fleet.routers[0]
+    task, _ = fleet.start()
+    await settle()
+    scheduler.pool.observe(b"ar0", ar.heartbeat("r0"))  # sent while our job runs
+    with pytest.raises(Overloaded):
+        scheduler.admit(fleet.request())  # busy: limit 0 beyond the one slot
+    ar.finish()
+    await task
+    scheduler.admit(fleet.request()).release()  # idle again: admitted
 
 
 async def test_estimated_wait_refuses_at_once_with_a_truthful_retry_after():

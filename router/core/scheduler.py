@@ -257,7 +257,7 @@ class Scheduler:
 
     def _others_running(self, stage: Stage) -> int:
         """Jobs other routers run on the stage's live workers (their heartbeats say how many run)."""
-        return sum(max(0, w.running - len(w.assigned)) for w in self.pool.live(stage))
+        return sum(w.running_elsewhere for w in self.pool.live(stage))
 
     # -- stage jobs ----------------------------------------------------------------------------
 

@@ -28,8 +28,8 @@ class WorkerState:
     identity: bytes
     last_seen: float
     draining: bool = False
-    # From its latest heartbeat: jobs running for every router, and slots free to this one.
-    running: int = 0
+    # From its latest heartbeat: jobs it runs for other routers, and slots free to this one.
+    running_elsewhere: int = 0
     reported_free: int = 0
     # Scheduler: jobs this router has given the worker and not yet heard back about.
     assigned: set[str] = field(default_factory=set)
@@ -67,7 +67,7 @@ class WorkerPool:
             state = self.workers[info.worker_id] = WorkerState(info, identity, now)
             self.registrations[info.stage] += 1
         state.info, state.last_seen, state.draining = info, now, heartbeat.draining
-        state.running, state.reported_free = heartbeat.running, heartbeat.free_slots
+        state.running_elsewhere, state.reported_free = heartbeat.running_elsewhere, heartbeat.free_slots
         return new
 
     def remove(self, worker_id: str, reason: LossReason) -> WorkerState | None:

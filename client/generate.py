@@ -2,12 +2,17 @@
 
     glm-image-serve generate -p 'a lighthouse, "HELLO" painted on it' --size 512x512 -o lighthouse.png
     glm-image-serve generate -p "make it snow" -i photo.jpg -o snowy.jpg --n 2 --partial-images 2
+    glm-image-serve generate --model /models/GLM-Image -p "a cat" -o cat.png   # offline: no router
 
 It always asks for a stream with progress events, shows one progress bar per image (AR tokens,
 then DiT steps, with ETA; plain lines when not on a terminal), saves the images and their
 previews as they arrive, prints one JSON line with the paths, seeds and timings, and exits with
 a status that says what failed (`EPILOG`). The flags of vLLM-Omni's `openai_chat_client.py`
 (`-p -o -s -i --height --width --steps --guidance-scale --seed --negative`) work as they are.
+
+With `--model PATH` and no `--url` it runs offline, like vLLM-Omni's end2end.py: it starts its own
+AR and DiT workers (client/offline.py), sends the same request to the same HTTP API in-process, and
+stops them when done; flags, progress, output naming and exit statuses stay the same.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ exit status:
   0  every image was saved
   1  an output file could not be written
   2  usage error (bad flags, an --image that cannot be read, an unknown --out extension)
-  3  the router could not be reached or stopped answering (connection refused, timeout, lost)
+  3  the router could not be reached or stopped answering (connection refused, timeout, lost);
+     offline (--model): the workers did not start
   4  the router refused the request (HTTP 4xx: a bad size, a limit, ...); its message is shown
   5  the router failed (HTTP 5xx, or an error event after the stream started)
 """
@@ -75,7 +81,8 @@ class ClientError(Exception):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `generate` flags, vLLM-Omni's example client's names and short forms included."""
     p.add_argument("--url", "--server", "-s", dest="url", metavar="URL", default=os.environ.get("GLM_URL", defaults.ROUTER_URL),
-                   help=f"router URL (default: $GLM_URL, else {defaults.ROUTER_URL})")
+                   action=ExplicitUrl,
+                   help=f"router URL (default: $GLM_URL, else {defaults.ROUTER_URL}; not with --model, which runs offline)")
     p.add_argument("--prompt", "-p", required=True, metavar="TEXT", help="text prompt; quoted text in it is rendered as glyphs")
     p.add_argument("--out", "--output", "-o", dest="out", default=".", metavar="PATH",
                    help="output file (.png, .jpg, .webp) or folder (default: the current folder); see below")
@@ -87,9 +94,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, help="image height in pixels; give --width too (instead of --size)")
     p.add_argument("--n", "-n", type=int, default=1, help="number of images; image i uses seed + i (default: %(default)s)")
     p.add_argument("--seed", type=int, help="seed of the first image (default: the stage config's)")
-    p.add_argument("--steps", type=int, help="DiT denoising steps, num_inference_steps (default: the stage config's)")
+    p.add_argument("--steps", "--num-inference-steps", dest="steps", type=int, help="DiT denoising steps, num_inference_steps (default: the stage config's)")
     p.add_argument("--guidance-scale", type=float, metavar="SCALE", help="DiT classifier-free guidance scale (default: the stage config's)")
-    p.add_argument("--negative", metavar="TEXT",
+    p.add_argument("--negative", "--negative-prompt", dest="negative", metavar="TEXT",
                    help="negative_prompt: accepted for compatibility; GLM-Image has no negative conditioning")
     p.add_argument("--partial-images", type=int, default=0, metavar="N",
                    help="0..3 previews per image while it is denoised, saved next to it (default: %(default)s)")
@@ -99,6 +106,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=1800, metavar="SECONDS",
                    help=f"seconds the router may stay silent before giving up (default: %(default)s; "
                         f"connecting waits at most {CONNECT_TIMEOUT_S:g})")
+    from client.offline import add_offline_arguments
+
+    add_offline_arguments(p)
+
+
+class ExplicitUrl(argparse.Action):
+    """Stores --url and remembers that it was given (an offline --model run must not also have one)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.url_given = True
+
+
+def offline_mode(args: argparse.Namespace) -> bool:
+    """True for `--model` without `--url`; a usage error for both."""
+    if getattr(args, "model", None) is None:
+        return False
+    if getattr(args, "url_given", False):
+        raise ClientError(EXIT_USAGE, "give --model (offline: workers started here) or --url (a running router), not both")
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -457,9 +484,16 @@ def _is_terminal(stream: TextIO) -> bool:
 def run(args: argparse.Namespace) -> int:
     """`glm-image-serve generate`: make the images, save them, return the exit status."""
     try:
+        offline = offline_mode(args)
+        if offline:
+            from client.offline import OFFLINE_URL
+
+            args.url = OFFLINE_URL
         plan = OutputPlan(args.out, args.format, args.n, args.seed)
         call = build_call(args, plan.format)
-        return _generate(call, plan)
+        if not offline:
+            return _generate(call, plan)
+        return _generate_offline(args, call, plan)
     except ClientError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return exc.exit_code
@@ -468,12 +502,26 @@ def run(args: argparse.Namespace) -> int:
         return 130
 
 
-def _generate(call: ImageCall, plan: OutputPlan) -> int:
+def _generate_offline(args: argparse.Namespace, call: ImageCall, plan: OutputPlan) -> int:
+    """The same request, answered by workers this command starts (and stops when done)."""
+    from client.offline import EngineStartError, engine_from_args
+
+    try:
+        engine = engine_from_args(args, say=lambda text: print(text, file=sys.stderr, flush=True))
+    except EngineStartError as exc:
+        raise ClientError(EXIT_UNREACHABLE, str(exc)) from None
+    except (ValueError, OSError) as exc:  # not a model folder, a bad stage config
+        raise ClientError(EXIT_USAGE, str(exc)) from None
+    with engine, httpx.Client(transport=engine.transport()) as client:
+        return _generate(call, plan, client)
+
+
+def _generate(call: ImageCall, plan: OutputPlan, client: httpx.Client | None = None) -> int:
     started = time.monotonic()
     progress = make_progress(call.n)
     handler = StreamHandler(plan, progress)
     try:
-        request_id = _stream(call, handler)
+        request_id = _stream(call, handler, client)
     finally:
         progress.close()
     missing = call.n - len(handler.images)
@@ -488,14 +536,16 @@ def _generate(call: ImageCall, plan: OutputPlan) -> int:
     return EXIT_OK
 
 
-def _stream(call: ImageCall, handler: StreamHandler) -> str | None:
-    """Send the request and feed its events to `handler`; return the router's request id.
+def _stream(call: ImageCall, handler: StreamHandler, client: httpx.Client | None = None) -> str | None:
+    """Send the request (through `client` when given) and feed its events to `handler`; return the
+    router's request id.
 
     Transport failures become EXIT_UNREACHABLE, HTTP refusals EXIT_REFUSED or EXIT_SERVER_FAILED."""
     timeout = httpx.Timeout(call.timeout, connect=min(call.timeout, CONNECT_TIMEOUT_S))
     opened = False
+    send = httpx.stream if client is None else client.stream
     try:
-        with httpx.stream("POST", call.endpoint, timeout=timeout, **call.request_kwargs()) as response:
+        with send("POST", call.endpoint, timeout=timeout, **call.request_kwargs()) as response:
             if response.status_code != 200:
                 response.read()
                 raise _refusal(response)

@@ -38,3 +38,23 @@ def test_sim_workers_and_load_generator_end_to_end(tmp_path):
         assert done.returncode == 0, done.stdout + done.stderr
         (opened,) = json.loads(out.read_text())
         assert opened["mode"] == "open" and opened["ok"] > 0 and opened["errors"] == 0, opened
+
+
+def test_scheduling_bench_end_to_end(tmp_path):
+    """bench/scheduling.py's three runs for a few seconds each (time scale 100): overload gets 429s
+    with Retry-After, 1 and 2 routers serve without 5xx, the key file's tenants and tiers apply.
+    Targets are not checked here (the windows are far too short); exit 1 only says one was missed."""
+    out = tmp_path / "scheduling.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.scheduling", "all", "--time-scale", "100", "--duration", "3",
+         "--routers-warmup", "1", "--routers-duration", "3", "--clients", "8", "--priority-warmup", "1",
+         "--priority-duration", "4", "--batch-clients", "8", "--baseline-requests", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode in (0, 1), done.stdout + done.stderr
+    overload, routers, priority = json.loads(out.read_text())["results"]
+    assert overload["ok"] > 0 and overload["rejected_429"] > 0 and overload["other_failures"] == 0, overload
+    assert overload["rejected_with_retry_after"] == overload["rejected_429"]
+    assert [r["routers"] for r in routers["rows"]] == [1, 2], routers
+    assert all(r["images_per_s_model"] > 0 and r["http_5xx"] == 0 for r in routers["rows"]), routers
+    assert priority["failures"] == 0 and priority["interactive"]["n"] > 0, priority
+    assert {"batch/flex", "interactive/priority"} <= set(priority["admitted_images_by_tenant_tier"]), priority

@@ -7,6 +7,8 @@
     glm-image-serve make-tiny-model --out models/tiny-glm-image [--preset real-shape]
     glm-image-serve keygen --out keys/ [--worker ar --worker dit]   # CurveZMQ keys for the bus
     glm-image-serve generate --url http://127.0.0.1:8000 --prompt "a cat" --size 512x512 --out cat.png   # client
+    glm-image-serve generate --model /path/to/GLM-Image --prompt "a cat" --out cat.png   # offline, no router
+    glm-image-serve run-batch -i requests.jsonl -o results.jsonl --model /path/to/GLM-Image   # OpenAI batch files
 """
 
 from __future__ import annotations
@@ -216,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="client: text- or image-to-image through a running router, with progress",
                          epilog=client.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     client.add_arguments(gen)
+
+    from client import batch
+
+    run_batch = sub.add_parser("run-batch", help="OpenAI batch files (JSONL) through GLM-Image: offline with --model, "
+                                                 "or a running router with --url; resumable",
+                               epilog=batch.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    batch.add_arguments(run_batch)
     parser.subcommands = dict(sub.choices)
     return parser
 
@@ -251,6 +260,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_keygen(args))
     if args.command == "generate":
         from client.generate import run
+
+        sys.exit(run(args))
+    if args.command == "run-batch":
+        from client.batch import run
 
         sys.exit(run(args))
     if args.command == "launch":

@@ -34,7 +34,7 @@ from common.sizes import ImageSize
 # 2: sizes named height/width everywhere, worker config fingerprints, RegistrationRefused.
 # 3: WorkerInfo.metrics_address. Models forbid unknown fields, so a v2 router would reject every
 #    v3 heartbeat as "invalid message"; the bump makes the mismatch a clear version error instead.
-# 4: Heartbeat.running_elsewhere/free_slots, SlotOffer and OfferDeclined (slots shared by several routers).
+# 4: Heartbeat.running_elsewhere/free_slots/job_seconds, SlotOffer and OfferDeclined (slots shared by several routers).
 PROTOCOL_VERSION = 4
 # Limits on what a decoder accepts from a peer.
 MAX_FRAMES = 64
@@ -216,6 +216,9 @@ class Heartbeat(_Model):
     # router may fill now (slots held for another router's offer are not free to it).
     running_elsewhere: int = Field(0, ge=0)
     free_slots: int = Field(0, ge=0)
+    # Running average of the worker's recent successful job times, in seconds (None before its first):
+    # a router that has not run a job yet estimates waits from it.
+    job_seconds: float | None = Field(None, ge=0)
 
 
 class Goodbye(_Model):

@@ -383,6 +383,8 @@ class StageWorker:
         # The slots, shared by every router (common/slot_arbiter.py), and the timers of the offers out.
         self.slots: SlotArbiter[_RouterLink] = SlotArbiter(info.capacity)
         self._offer_lapses: dict[_RouterLink, asyncio.TimerHandle] = {}
+        # Running average of successful job times, announced in heartbeats (routers estimate waits with it).
+        self.recent_job_s: float | None = None
         self.draining = False
         self._stopped = asyncio.Event()
         self._refusal: WorkerRefused | None = None
@@ -452,7 +454,7 @@ class StageWorker:
     def _heartbeat(self, link: _RouterLink) -> Heartbeat:
         return Heartbeat(info=self.info, draining=self.draining or link.retiring,
                          running_elsewhere=sum(1 for job in self.jobs.values() if job.link is not link),
-                         free_slots=self.slots.free_for(link))
+                         free_slots=self.slots.free_for(link), job_seconds=self.recent_job_s)
 
     # -- slots shared by several routers --------------------------------------------------------
 
@@ -692,6 +694,9 @@ class StageWorker:
             self.metrics.in_flight.dec()
             self.metrics.job_seconds.observe(time.monotonic() - started)
         self.metrics.job_finished("ok" if isinstance(reply, JobResult) else reply.code.value)
+        if isinstance(reply, JobResult):
+            took = time.monotonic() - started
+            self.recent_job_s = took if self.recent_job_s is None else 0.7 * self.recent_job_s + 0.3 * took
         await link.send(reply)
 
     async def _run_to_reply(self, job: JobRequest, link: _RouterLink) -> JobResult | JobError:

@@ -348,6 +348,46 @@ async def test_estimated_wait_refuses_at_once_with_a_truthful_retry_after():
         admission.release()
 
 
+async def test_the_wait_follows_the_pipeline():
+    """A DiT backlog that clears while the new image is still in the AR stage costs it nothing;
+    backlogs at both stages add up."""
+    ar, dit = SharedWorker("ar0", Stage.AR, 1), SharedWorker("dit0", Stage.DIT, 1)
+    fleet = Fleet(stage_config(), [ar, dit])
+    scheduler = fleet.routers[0]
+    scheduler.service_s[Stage.AR], scheduler.service_s[Stage.DIT] = 5.0, 1.0
+    past_ar = [scheduler.admit(fleet.request()) for _ in range(4)]
+    for admission in past_ar:
+        admission.images[0].stages_left.discard(Stage.AR)  # these only wait for the DiT now
+    # The DiT clears its 4 in 4 s; the new image reaches it after its 5 s AR job: no wait at all.
+    assert scheduler.estimated_wait_s("default") == pytest.approx(0.0)
+    # Two images ahead in the AR stage too: 2 x 5 s of AR wait, then the DiT is long free.
+    in_ar = [scheduler.admit(fleet.request()) for _ in range(2)]
+    assert scheduler.estimated_wait_s("default") == pytest.approx(10.0)
+    # With a slow DiT (4 s), its backlog of 6 (24 s) outlasts the 15 s to reach it: 24 - 5 = 19 s of wait.
+    scheduler.service_s[Stage.DIT] = 4.0
+    assert scheduler.estimated_wait_s("default") == pytest.approx(19.0)
+    for admission in past_ar + in_ar:
+        admission.release()
+
+
+async def test_a_new_router_estimates_from_the_job_times_workers_report():
+    """No job of its own yet (a router just started): the workers' heartbeats carry their job times."""
+    ar, dit = SharedWorker("ar0", Stage.AR, 1), SharedWorker("dit0", Stage.DIT, 1)
+    fleet = Fleet(stage_config(max_queue_wait_s=10), [ar, dit])
+    scheduler = fleet.routers[0]
+    assert scheduler.estimated_wait_s("default") is None
+    for worker, seconds in ((ar, 1.0), (dit, 3.0)):
+        heartbeat = worker.heartbeat("r0").model_copy(update={"job_seconds": seconds})
+        scheduler.pool.observe(worker.worker_id.encode(), heartbeat)
+    admitted = [scheduler.admit(fleet.request()) for _ in range(4)]
+    # The DiT backlog (4 images ahead + 1, 1 slot, 3 s each) is 12 s; reached after 1 s of AR: 11 s > 10 s.
+    with pytest.raises(Overloaded) as refused:
+        scheduler.admit(fleet.request())
+    assert "wait about 11s" in refused.value.message
+    for admission in admitted:
+        admission.release()
+
+
 async def test_failures_are_retried_elsewhere_then_fail_with_the_cause():
     a, b = SharedWorker("ar-a", Stage.AR, 1), SharedWorker("ar-b", Stage.AR, 1)
     fleet = Fleet(stage_config(max_retries=1), [a, b])

@@ -221,7 +221,7 @@ class Scheduler:
         wait_s = self.estimated_wait_s(tier, n)
         if wait_s is None:
             return
-        service = sum(t for t in self.service_s.values() if t is not None)
+        service = sum(t for t in map(self.service_time, Stage) if t is not None)
         allowed = self.settings.request_deadline_s - service
         if self.settings.max_queue_wait_s is not None:
             allowed = min(allowed, self.settings.max_queue_wait_s)
@@ -232,19 +232,34 @@ class Scheduler:
                 f"(allowed {max(allowed, 0):.0f}s); retry later", retry_after_s=max(1.0, wait_s - allowed))
 
     def estimated_wait_s(self, tier: ServiceTier, n: int = 1) -> float | None:
-        """Seconds `n` new images of `tier` would wait for slots, from each stage's live capacity, the
-        work ahead of them (this router's images of the same or a higher tier, and the jobs other
-        routers run on the shared workers) and recent job times; None before any job time is known."""
+        """Seconds `n` new images of `tier` would wait for slots, all stages together; None before any
+        job time is known.
+
+        The images go through the stages in order. At each stage the work ahead of them (this
+        router's images of the same or a higher tier that still need the stage, and the jobs other
+        routers run on its workers) clears at `slots / job time`; they start the stage when they
+        reach it or when that work has cleared, whichever is later. So a DiT backlog overlaps the
+        time they spend in the AR stage, and the waits of the two stages add up."""
         rank = SERVICE_TIERS.index(tier)
-        wait: float | None = None
+        elapsed = service_total = 0.0
+        known = False
         for stage in Stage:
-            service, capacity = self.service_s[stage], self.pool.capacity(stage)
+            service, capacity = self.service_time(stage), self.pool.capacity(stage)
             if service is None or not capacity:
                 continue
+            known = True
             ahead = self._needing(stage, max_rank=rank) + self._others_running(stage)
-            stage_wait = max(0, ahead + n - capacity) * service / capacity
-            wait = stage_wait if wait is None else max(wait, stage_wait)
-        return wait
+            cleared_at = max(0, ahead + n - capacity) * service / capacity
+            elapsed = max(elapsed, cleared_at) + service
+            service_total += service
+        return elapsed - service_total if known else None
+
+    def service_time(self, stage: Stage) -> float | None:
+        """A stage's job time: this router's running average, else what its live workers report."""
+        if self.service_s[stage] is not None:
+            return self.service_s[stage]
+        reported = [w.job_seconds for w in self.pool.live(stage) if w.job_seconds is not None]
+        return sum(reported) / len(reported) if reported else None
 
     def _retry_after(self, tier: ServiceTier, n: int) -> float:
         """When to come back: about the time for the work ahead to drain; at least 1 s."""

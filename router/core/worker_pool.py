@@ -31,6 +31,7 @@ class WorkerState:
     # From its latest heartbeat: jobs it runs for other routers, and slots free to this one.
     running_elsewhere: int = 0
     reported_free: int = 0
+    job_seconds: float | None = None  # the worker's running average of job times
     # Scheduler: jobs this router has given the worker and not yet heard back about.
     assigned: set[str] = field(default_factory=set)
     # Scheduler: when the worker last refused a job for capacity (it then queues this router for a
@@ -68,6 +69,7 @@ class WorkerPool:
             self.registrations[info.stage] += 1
         state.info, state.last_seen, state.draining = info, now, heartbeat.draining
         state.running_elsewhere, state.reported_free = heartbeat.running_elsewhere, heartbeat.free_slots
+        state.job_seconds = heartbeat.job_seconds
         return new
 
     def remove(self, worker_id: str, reason: LossReason) -> WorkerState | None:

@@ -266,6 +266,10 @@ class InProcessTransport(httpx.BaseTransport):
         body = request.read()
         stream = _Streamed()
         stream.future = self.engine._submit(self.engine._exchange(request, body, stream))
+        # Whichever way the work ends (even cancelled before it began), the reader is told.
+        stream.future.add_done_callback(lambda future: stream.finished(
+            None if not future.cancelled() and future.exception() is None else
+            (future.exception() if not future.cancelled() else asyncio.CancelledError())))
         item = stream.next_item()
         if item[0] != "start":
             raise httpx.ConnectError(f"the offline engine did not answer: {item[1] or 'no response'}", request=request)
@@ -548,16 +552,10 @@ class GlmImage:
                 if not message.get("more_body", False):
                     complete.set()
 
-        error: BaseException | None = None
         try:
             await self._app(scope, receive, send)
-        except BaseException as exc:
-            error = exc
-            raise
         finally:
             complete.set()
-            if isinstance(sink, _Streamed):
-                sink.finished(error)
 
     # -- the API ------------------------------------------------------------------
 

@@ -44,9 +44,9 @@ GROUP_OF_MODULE = {module: group for group, modules in SHARED_GROUPS.items() for
 # cost is taken as 0): add a new module here if it takes more than ~30 s.
 GROUP_COST = {
     "test_real_shape": 690,
+    "test_offline": 430,
     "netns": 420,
     "test_vllm_engine": 290,
-    "test_offline": 430,
     "test_engines_e2e": 210,
     "test_api_keys": 150,
     "test_launcher": 125,

@@ -420,3 +420,27 @@ def test_run_batch_killed_midway_resumes_without_loss_or_duplicates(tiny_model, 
     assert image_of(final["r0"]) == reference["t2i"]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert (summary["skipped"], summary["succeeded"], summary["failed"]) == (len(first), len(ids), 0)
+
+
+def test_the_documented_sample_batch_file_is_valid(tmp_path):
+    """docs/offline.md's three-line sample reads as three requests, one per endpoint."""
+    text = (ROOT / "docs" / "offline.md").read_text()
+    sample = text.split("```jsonl\n", 1)[1].split("```", 1)[0]
+    source = tmp_path / "requests.jsonl"
+    source.write_text(sample)
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "photos" / "street.jpg")
+    requests = list(read_requests(source, plan_input(source), skip=set()))
+    assert [r.failure for r in requests] == [None] * 3
+    assert [r.path for r in requests] == ["/v1/images/generations", "/v1/images/edits", "/v1/chat/completions"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # several worker start-ups on a busy 2-core machine
+def test_the_notebook_example_runs(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "offline_python.py")], capture_output=True,
+                            text=True, cwd=tmp_path, env={**ENV, "GLM_OUT": str(tmp_path / "out")}, timeout=800)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "#3 failed: prompt: must not be empty" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "lighthouse-snow.png", "lighthouse.png", "prompt-0.png", "prompt-1.png", "prompt-2.png"]

@@ -5,6 +5,7 @@
     glm-image-serve ar-worker   --router tcp://ROUTER_HOST:5570 --model /path/to/GLM-Image
     glm-image-serve dit-worker  --router tcp://ROUTER_HOST:5570 --model /path/to/GLM-Image
     glm-image-serve make-tiny-model --out models/tiny-glm-image [--preset real-shape]
+    glm-image-serve build-model --preset full-size --out models/full-size   # configs only: random weights on load
     glm-image-serve keygen --out keys/ [--worker ar --worker dit]   # CurveZMQ keys for the bus
     glm-image-serve generate --url http://127.0.0.1:8000 --prompt "a cat" --size 512x512 --out cat.png   # client
     glm-image-serve generate --model /path/to/GLM-Image --prompt "a cat" --out cat.png   # offline, no router
@@ -98,6 +99,16 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
                         "a concrete address, else the local address the OS uses towards the first --router; "
                         "in Kubernetes $(POD_IP):9100)")
     p.add_argument("--drain-grace", type=float, default=defaults.SHUTDOWN_GRACE_S, help="seconds SIGTERM waits for in-flight jobs (default: %(default)s)")
+    _add_random_init(p)
+
+
+_RANDOM_INIT_HELP = ("initialise random weights on the device from the folder's configs instead of loading weights "
+                     "(for timing only: the images are noise; logged as a WARNING). A folder written by "
+                     "`glm-image-serve build-model` has no weights and is always served this way")
+
+
+def _add_random_init(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--random-init", action="store_true", help=_RANDOM_INIT_HELP)
 
 
 def _add_api_keys(p: argparse.ArgumentParser) -> None:
@@ -161,6 +172,8 @@ def _add_launch(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print the command line of every process it would start (after checking the options and the "
                         "stage config), then exit without starting any")
+    p.add_argument("--random-init", action="store_true",
+                   help=_RANDOM_INIT_HELP + "; the served model name then ends in -random-init")
     _add_api_keys(p)
 
 
@@ -203,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tiny widths (default), or the released configuration with 1 layer per stack in bfloat16 "
                            "(~3 GB; see docs/model_facts.md)")
 
+    build = sub.add_parser("build-model", help="write a GLM-Image folder without weights (configs, tokenizers, processor): "
+                                               "its workers initialise random weights on their device, for timing the "
+                                               "released shapes without a checkpoint")
+    build.add_argument("--out", required=True, help="output folder")
+    build.add_argument("--preset", choices=["full-size", "real-shape", "tiny"], default="full-size",
+                       help="full-size: the released configuration at full depth (10.1 B AR checkpoint, 6.93 B DiT; "
+                            "default); real-shape: the same with 1 layer per stack; tiny: the test model's widths "
+                            "(docs/model_facts.md)")
+    build.add_argument("--overwrite", action="store_true", help="rebuild even if the folder exists")
+
     keygen = sub.add_parser("keygen", help="write CurveZMQ keys for the bus: the router's, one per worker name, and the "
                                            "router's allow-list of worker public keys")
     keygen.add_argument("--out", required=True, metavar="DIR", help="output folder (what `launch --curve-keys` takes)")
@@ -229,13 +252,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve_model(arg: str | None, config) -> str:
+def _resolve_model(arg: str | None, config, stages: tuple[str, ...] = ("ar", "dit")) -> str:
     model = arg or config.model
     if not model:
         sys.exit("error: no model given: pass --model /path/to/GLM-Image (or set `model` in the stage config)")
     if not (Path(model) / "model_index.json").exists():
         sys.exit(f"error: {model} is not a GLM-Image folder (no model_index.json); download the weights to a local folder")
+    from model_presets.random_init import weights_problem
+
+    problem = weights_problem(model, stages)
+    if problem is not None:
+        sys.exit(f"error: {problem}")
     return model
+
+
+def _request_random_init(args) -> None:
+    """`--random-init`: this process and every process it starts initialise random weights."""
+    if getattr(args, "random_init", False):
+        from model_presets.random_init import RANDOM_INIT_ENV
+
+        os.environ[RANDOM_INIT_ENV] = "1"
 
 
 def _resolve_device(arg: str | None, devices: str, engine: str) -> str:
@@ -256,6 +292,12 @@ def main(argv: list[str] | None = None) -> None:
 
         print(build_tiny_model(args.out, overwrite=args.overwrite, preset=args.preset))
         return
+    if args.command == "build-model":
+        from model_presets.tiny_model import build_model_configs
+
+        print(build_model_configs(args.out, preset=args.preset, overwrite=args.overwrite))
+        return
+    _request_random_init(args)
     if args.command == "keygen":
         sys.exit(_keygen(args))
     if args.command == "generate":
@@ -301,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
         worker_curve = WorkerCurve.from_files(args.curve_router_key, args.curve_secret_key)
     except (BusSecurityError, ValueError) as exc:
         sys.exit(f"error: {exc}")
-    model = _resolve_model(args.model, config)
+    model = _resolve_model(args.model, config, ("ar",) if args.command == "ar-worker" else ("dit",))
     stage = config.ar if args.command == "ar-worker" else config.dit
     device = _resolve_device(args.device, stage.devices, getattr(stage, "engine", "transformers"))
     from common.worker_main import WorkerOptions, parse_advertise
@@ -397,13 +439,14 @@ def _launch(args) -> int:
     from launch.supervisor import LaunchOptions, RestartPolicy, RouterReadiness, Supervisor, SupervisorOptions, plan_deployment
 
     configure_logging("supervisor")
+    model_name = _launch_model_name(args)
     try:
         config = load_stage_config(args.stage_config)
         policy = RestartPolicy(args.max_restarts, args.restart_window, args.backoff_initial, args.backoff_max)
         options = LaunchOptions(
             model=args.model,
             stage_config=args.stage_config,
-            model_name=args.model_name,
+            model_name=model_name,
             host=args.host,
             port=args.port,
             bus_port=args.bus_port,
@@ -457,6 +500,26 @@ def _launch(args) -> int:
         if temporary_logs:
             _settle_temporary_logs(log_dir, clean=status == 0 and not left_down)
     return status
+
+
+def _launch_model_name(args) -> str:
+    """The served model name: a folder served with random weights says so (`...-random-init`), whatever
+    --model-name asked. Also refuses a folder without weights unless random init is asked for."""
+    import logging
+
+    from model_presets.random_init import random_init_requested, served_model_name, weights_problem
+
+    if (Path(args.model) / "model_index.json").exists():
+        problem = weights_problem(args.model)
+        if problem is not None:
+            sys.exit(f"error: {problem}")
+    if not random_init_requested(args.model):
+        return args.model_name
+    name = served_model_name(args.model_name, defaults.MODEL_NAME, args.model)
+    logging.getLogger("supervisor").warning(
+        "RANDOM WEIGHTS: every worker initialises random weights from the configs in %s (timing only: the images "
+        "are noise); served as model %r", args.model, name)
+    return name
 
 
 def _settle_temporary_logs(log_dir: Path, clean: bool) -> None:
@@ -525,8 +588,11 @@ def _ready_banner(args, options, deployment, config, log_dir: Path, temporary_lo
                             f"and copy its .key into {keys / 'allowed_workers'}/)")
                 reach = reach if key_hint in reach else reach + key_hint
             curve = f" \\\n      --curve-router-key {keys / 'router.key'} --curve-secret-key {secret}"
+        from model_presets.random_init import RANDOM_INIT_ENV
+
+        random = " --random-init" if os.environ.get(RANDOM_INIT_ENV) == "1" else ""
         joins.append(f"  glm-image-serve {stage}-worker --router {join_address} --stage-config {Path(options.stage_config).resolve()} \\\n"
-                     f"      --model {Path(options.model).resolve()} --device {device} --worker-id {stage}-{count}{curve}")
+                     f"      --model {Path(options.model).resolve()} --device {device} --worker-id {stage}-{count}{random}{curve}")
     metrics = f"{url}/metrics"
     if options.worker_metrics_port is not None:
         last = options.worker_metrics_port + options.num_ar + options.num_dit - 1

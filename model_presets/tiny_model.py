@@ -1,4 +1,4 @@
-"""Build a random-weight GLM-Image in the real diffusers folder layout, in one of two presets.
+"""Build a random-weight GLM-Image in the real diffusers folder layout, in one of three presets.
 
 Every component is the real class built from a config and written with
 `save_pretrained`, so workers load it through exactly the same
@@ -14,6 +14,10 @@ Presets (`PRESETS`):
   vision encoder, VQ codebook, DiT widths and patching, VAE channels, glyph
   encoder), with one layer per stack, in bfloat16. Every number is cited in
   docs/model_facts.md ("The released configuration"). About 3 GB on disk.
+- `full-size`: the released configuration at full depth (10.1 B AR checkpoint, 6.93 B DiT), written
+  as configs, tokenizer and processor files only (`build_model_configs`): its workers initialise
+  random bfloat16 weights on their device (model_presets/random_init.py) and say so in the served
+  model name and their logs. Any preset can be written that way (tests use tiny configs only).
 
 Token layout (both presets, as in the real model): image codes `0..C-1`, `C` =
 image start / generation BOS (`<|dit_token_C|>`), `C+1` = image end / EOS,
@@ -220,7 +224,30 @@ REAL_SHAPE = Preset(
     },
 )
 
-PRESETS = {p.name: p for p in (TINY, REAL_SHAPE)}
+# The released configuration at full depth: REAL_SHAPE with every stack at its released depth
+# (40 AR decoder layers, 40 vision encoder blocks, 30 DiT blocks, 12 glyph encoder layers, 3 VAE
+# resnet layers per block). ~10.1 B parameters in the AR checkpoint (8.85 B decoder + 67.6 M lm_head,
+# 1.16 B vision encoder, 39.8 M VQ) and 6.93 B in the DiT: only ever written as configs, tokenizer and
+# processor files (`build_model_configs`), for workers that initialise random weights on their device
+# (model_presets/random_init.py). Weights of this size would be ~32 GB of noise on disk.
+FULL_SIZE = Preset(
+    name="full-size",
+    dtype="bfloat16",
+    codebook_size=REAL_SHAPE.codebook_size,
+    vision_vocab_size=REAL_SHAPE.vision_vocab_size,
+    special_ids=REAL_SHAPE.special_ids,
+    vocab_size=REAL_SHAPE.vocab_size,
+    text={**REAL_SHAPE.text, "num_hidden_layers": 40},  # [T]
+    vision={**REAL_SHAPE.vision, "depth": 40},  # [T]
+    vq=REAL_SHAPE.vq,
+    glyph={**REAL_SHAPE.glyph, "num_layers": 12},  # [B]
+    vae={**REAL_SHAPE.vae, "layers_per_block": 3},  # [F]
+    dit={**REAL_SHAPE.dit, "num_layers": 30},  # [F]
+)
+
+PRESETS = {p.name: p for p in (TINY, REAL_SHAPE, FULL_SIZE)}
+# Presets whose weights are never written: their folders hold configs only (random init on load).
+CONFIGS_ONLY_PRESETS = frozenset({FULL_SIZE.name})
 
 
 def _chat_template(preset: Preset) -> str:
@@ -341,11 +368,10 @@ def _normal_(tensor, std: float, gen) -> None:
         block.copy_(torch.randn(block.shape, generator=gen) * std)
 
 
-def _build_ar(processor, preset: Preset = TINY):
-    import torch
-    from transformers import GenerationConfig, GlmImageConfig, GlmImageForConditionalGeneration
+def _ar_config(tok, preset: Preset = TINY):
+    """The AR checkpoint's `GlmImageConfig` for `preset`, with the tokenizer's ids filled in."""
+    from transformers import GlmImageConfig
 
-    tok = processor.tokenizer
     c = preset.codebook_size
     text = dict(preset.text)
     text.update(
@@ -354,7 +380,7 @@ def _build_ar(processor, preset: Preset = TINY):
         pad_token_id=tok.pad_token_id,
         eos_token_id=c + 1,
     )
-    config = GlmImageConfig(
+    return GlmImageConfig(
         text_config=text,
         vision_config=dict(preset.vision),
         vq_config={**preset.vq, "num_embeddings": c},
@@ -362,13 +388,16 @@ def _build_ar(processor, preset: Preset = TINY):
         image_start_token_id=c,
         image_end_token_id=c + 1,
     )
-    dtype = getattr(torch, preset.dtype)
-    model = GlmImageForConditionalGeneration._from_config(config, dtype=dtype).eval()
-    _diversify_ar(model, BUILD_SEED + 1)
-    # The real checkpoint's sampling defaults. suppress_tokens keeps random weights from
-    # sampling ids past the codebook when GlmImagePipeline runs the AR in-process (the
-    # reference the tests compare against); our AR stage constrains decoding itself.
-    model.generation_config = GenerationConfig(
+
+
+def _ar_generation_config(tok, preset: Preset = TINY):
+    """The real checkpoint's sampling defaults. suppress_tokens keeps random weights from
+    sampling ids past the codebook when GlmImagePipeline runs the AR in-process (the
+    reference the tests compare against); our AR stage constrains decoding itself."""
+    from transformers import GenerationConfig
+
+    c = preset.codebook_size
+    return GenerationConfig(
         do_sample=True,
         temperature=preset.temperature,
         top_p=preset.top_p,
@@ -378,63 +407,101 @@ def _build_ar(processor, preset: Preset = TINY):
         bos_token_id=c,
         suppress_tokens=list(range(c, preset.vision_vocab_size)),
     )
+
+
+def _build_ar(processor, preset: Preset = TINY):
+    import torch
+    from transformers import GlmImageForConditionalGeneration
+
+    tok = processor.tokenizer
+    dtype = getattr(torch, preset.dtype)
+    model = GlmImageForConditionalGeneration._from_config(_ar_config(tok, preset), dtype=dtype).eval()
+    _diversify_ar(model, BUILD_SEED + 1)
+    model.generation_config = _ar_generation_config(tok, preset)
     return model
 
 
-def _build_dit_components(preset: Preset = TINY):
-    import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, GlmImageTransformer2DModel
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+def _glyph_config(glyph_tokenizer, preset: Preset = TINY):
+    from transformers import T5Config
 
-    dtype = getattr(torch, preset.dtype)
-    glyph_tokenizer = ByT5Tokenizer()
-    text_encoder = T5EncoderModel(
-        T5Config(
-            vocab_size=len(glyph_tokenizer),
-            feed_forward_proj="gated-gelu",
-            is_encoder_decoder=False,
-            **preset.glyph,
-        )
-    ).eval()
-    latent_channels = preset.vae["latent_channels"]
+    return T5Config(
+        vocab_size=len(glyph_tokenizer),
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        **preset.glyph,
+    )
+
+
+def _vae_kwargs(preset: Preset = TINY) -> dict:
     n_blocks = len(preset.vae["block_out_channels"])  # 4 blocks: VAE scale factor 8
-    vae = AutoencoderKL(
+    return dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * n_blocks,
         up_block_types=("UpDecoderBlock2D",) * n_blocks,
         **preset.vae,
-    ).eval()
-    transformer = GlmImageTransformer2DModel(
-        prior_vq_quantizer_codebook_size=preset.codebook_size, **preset.dit
-    ).eval()
-    if preset.dit["in_channels"] != latent_channels:
+    )
+
+
+def _dit_kwargs(preset: Preset = TINY) -> dict:
+    if preset.dit["in_channels"] != preset.vae["latent_channels"]:
         raise ValueError(f"{preset.name}: DiT in_channels must equal the VAE's latent channels")
+    return dict(prior_vq_quantizer_codebook_size=preset.codebook_size, **preset.dit)
+
+
+def _scheduler():
     # The released scheduler config (FlowMatchEulerDiscreteScheduler with dynamic shifting).
-    scheduler = FlowMatchEulerDiscreteScheduler(
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
         base_shift=0.25,
         max_shift=0.75,
         base_image_seq_len=256,
         use_dynamic_shifting=True,
         time_shift_type="linear",
     )
-    return glyph_tokenizer, text_encoder.to(dtype), vae.to(dtype), transformer.to(dtype), scheduler
 
 
-def _stamp(preset: Preset) -> dict:
-    return {"preset": preset.name, "build_version": BUILD_VERSION, "seed": BUILD_SEED}
+def _build_dit_components(preset: Preset = TINY):
+    import torch
+    from diffusers import AutoencoderKL, GlmImageTransformer2DModel
+    from transformers import ByT5Tokenizer, T5EncoderModel
+
+    dtype = getattr(torch, preset.dtype)
+    glyph_tokenizer = ByT5Tokenizer()
+    text_encoder = T5EncoderModel(_glyph_config(glyph_tokenizer, preset)).eval()
+    vae = AutoencoderKL(**_vae_kwargs(preset)).eval()
+    transformer = GlmImageTransformer2DModel(**_dit_kwargs(preset)).eval()
+    return glyph_tokenizer, text_encoder.to(dtype), vae.to(dtype), transformer.to(dtype), _scheduler()
 
 
-def is_built(out_dir: str | Path, preset: str = "tiny") -> bool:
-    """Whether `out_dir` holds a complete build of `preset` by this version of the generator."""
-    out = Path(out_dir)
-    stamp = out / STAMP_FILE
-    if not (out / "model_index.json").exists() or not stamp.exists():
-        return False
+# The stamp's `weights` value of a folder written without weights: its workers initialise them randomly.
+RANDOM_INIT = "random-init"
+
+
+def _stamp(preset: Preset, configs_only: bool = False) -> dict:
+    stamp = {"preset": preset.name, "build_version": BUILD_VERSION, "seed": BUILD_SEED}
+    if configs_only:
+        stamp["weights"] = RANDOM_INIT
+    return stamp
+
+
+def read_stamp(model_dir: str | Path) -> dict | None:
+    """The generator's stamp of `model_dir`, or None (not built here, e.g. real weights)."""
     try:
-        return json.loads(stamp.read_text()) == _stamp(PRESETS[preset])
-    except ValueError:
+        stamp = json.loads((Path(model_dir) / STAMP_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return stamp if isinstance(stamp, dict) else None
+
+
+def is_built(out_dir: str | Path, preset: str = "tiny", configs_only: bool = False) -> bool:
+    """Whether `out_dir` holds a complete build of `preset` by this version of the generator
+    (with weights, or configs only when `configs_only`)."""
+    out = Path(out_dir)
+    if not (out / "model_index.json").exists():
         return False
+    return read_stamp(out) == _stamp(PRESETS[preset], configs_only)
 
 
 def build_tiny_model(out_dir: str | Path, overwrite: bool = False, preset: str = "tiny") -> Path:
@@ -442,21 +509,46 @@ def build_tiny_model(out_dir: str | Path, overwrite: bool = False, preset: str =
 
     A complete build by this generator version is reused unless `overwrite`; anything else in
     `out_dir` (an older build, another preset) is replaced. The folder appears atomically.
+    The full-size preset is never written with weights: `build_model_configs`.
     """
-    spec = PRESETS[preset]
-    out = Path(out_dir)
-    if not overwrite and is_built(out, preset):
+    if preset in CONFIGS_ONLY_PRESETS:
+        raise ValueError(f"preset {preset} is written as configs only (build_model_configs, "
+                         f"`glm-image-serve build-model --preset {preset}`): its workers initialise random weights")
+    return _build_locked(Path(out_dir), PRESETS[preset], overwrite, configs_only=False)
+
+
+def build_model_configs(out_dir: str | Path, preset: str = "full-size", overwrite: bool = False) -> Path:
+    """Write `preset`'s GLM-Image folder without weights: model_index.json, every component's config,
+    the GLM tokenizer and processor, the ByT5 glyph tokenizer, the scheduler, and a stamp that says
+    `weights: random-init`. Workers serving it initialise random weights on their device
+    (model_presets/random_init.py) under a name that says so. Nothing is materialised here:
+    seconds, a few MB. Reused unless `overwrite`, like `build_tiny_model`."""
+    return _build_locked(Path(out_dir), PRESETS[preset], overwrite, configs_only=True)
+
+
+def _build_locked(out: Path, spec: Preset, overwrite: bool, configs_only: bool) -> Path:
+    if not overwrite and is_built(out, spec.name, configs_only):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     # One builder at a time (parallel test runners, two launchers): the others wait, then reuse its build.
     with open(out.with_name(f"{out.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not overwrite and is_built(out, preset):
+        if not overwrite and is_built(out, spec.name, configs_only):
             return out
-        return _build(out, spec)
+        tmp = out.with_name(f"{out.name}.building-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        (_write_configs if configs_only else _write_weights)(tmp, spec)
+        (tmp / STAMP_FILE).write_text(json.dumps(_stamp(spec, configs_only)) + "\n")
+        # Swap in place: a concurrent reader sees the old folder or the new one, never half of one.
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+        return out
 
 
-def _build(out: Path, spec: Preset) -> Path:
+def _write_weights(tmp: Path, spec: Preset) -> None:
     import torch
     from diffusers import GlmImagePipeline
 
@@ -473,19 +565,54 @@ def _build(out: Path, spec: Preset) -> Path:
         transformer=transformer,
         scheduler=scheduler,
     )
-    tmp = out.with_name(f"{out.name}.building-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
     del pipe, ar, text_encoder, vae, transformer
     _fix_model_index(tmp / "model_index.json")
-    (tmp / STAMP_FILE).write_text(json.dumps(_stamp(spec)) + "\n")
-    # Swap in place: a concurrent reader sees the old folder or the new one, never half of one.
-    old = out.with_name(f"{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+
+
+# model_index.json of a GLM-Image folder: component -> [library, class] (what save_pretrained writes).
+_COMPONENTS = {
+    "processor": ["transformers", "GlmImageProcessor"],
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "ByT5Tokenizer"],
+    "transformer": ["diffusers", "GlmImageTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "vision_language_encoder": ["transformers", "GlmImageForConditionalGeneration"],
+}
+
+
+def _write_configs(tmp: Path, spec: Preset) -> None:
+    """Every file of the folder but the weights. The diffusers configs come from modules built on
+    the meta device (no memory, no initialisation), so they hold exactly what the classes record."""
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, GlmImageTransformer2DModel
+    from transformers import ByT5Tokenizer
+
+    dtype = getattr(torch, spec.dtype)
+    processor = _build_processor(spec)
+    processor.save_pretrained(tmp / "processor")
+    tok = processor.tokenizer
+    ar_config = _ar_config(tok, spec)
+    ar_config.architectures = [_COMPONENTS["vision_language_encoder"][1]]
+    for config in (ar_config, ar_config.text_config, ar_config.vision_config, ar_config.vq_config):
+        config.dtype = dtype  # what save_pretrained records for a model in `dtype`
+    ar_config.save_pretrained(tmp / "vision_language_encoder")
+    _ar_generation_config(tok, spec).save_pretrained(tmp / "vision_language_encoder")
+    glyph_tokenizer = ByT5Tokenizer()
+    glyph_tokenizer.save_pretrained(tmp / "tokenizer")
+    glyph_config = _glyph_config(glyph_tokenizer, spec)
+    glyph_config.architectures = [_COMPONENTS["text_encoder"][1]]
+    glyph_config.dtype = dtype
+    glyph_config.use_cache = False  # as T5EncoderModel sets it
+    glyph_config.save_pretrained(tmp / "text_encoder")
+    with torch.device("meta"):
+        AutoencoderKL(**_vae_kwargs(spec)).save_config(tmp / "vae")
+        GlmImageTransformer2DModel(**_dit_kwargs(spec)).save_config(tmp / "transformer")
+    _scheduler().save_pretrained(tmp / "scheduler")
+    index = {"_class_name": "GlmImagePipeline", "_diffusers_version": diffusers.__version__, **_COMPONENTS}
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _fix_model_index(path: Path) -> None:

@@ -48,5 +48,10 @@ class AREngine(abc.ABC):
         `on_tokens(n)` is called (from any thread) as the count of generated tokens grows.
         Cancelling the awaiting task stops the generation (at the next token) before it returns."""
 
+    def peak_memory_gib(self) -> float | None:
+        """Peak GPU memory this process allocated through torch so far (GiB), where the engine's model
+        lives in this process on a GPU; None otherwise (CPU, or vLLM's engine-core process)."""
+        return None
+
     async def shutdown(self) -> None:
         """Release engine resources."""

@@ -21,6 +21,7 @@ from transformers import AutoProcessor, GlmImageForConditionalGeneration, Stoppi
 from common.cancellable import Cancelled, run_cancellable
 from common.sizes import token_layout
 from common.stage_config import AREngineArgs
+from model_presets import random_init
 from stage_ar.engine import AREngine, ARGenerationOutput, ARGenerationRequest
 from stage_ar.grid_constraint import ImageGridConstraint
 from stage_ar.scaffold import build_scaffold
@@ -46,9 +47,14 @@ class TransformersAREngine(AREngine):
     def __init__(self, model_path: str | Path, engine_args: AREngineArgs, device: str = "cpu"):
         self.device = torch.device(device)
         self.processor = AutoProcessor.from_pretrained(str(model_path), subfolder="processor")
-        self.model = GlmImageForConditionalGeneration.from_pretrained(
-            str(model_path), subfolder="vision_language_encoder", dtype=engine_args.torch_dtype
-        ).to(self.device)
+        if random_init.random_init_requested(model_path):
+            # Random weights made on the device (model_presets/random_init.py): timing only.
+            random_init.warn_random_init(logger, "AR", model_path, str(self.device))
+            self.model = random_init.ar_model(model_path, engine_args.torch_dtype, str(self.device))
+        else:
+            self.model = GlmImageForConditionalGeneration.from_pretrained(
+                str(model_path), subfolder="vision_language_encoder", dtype=engine_args.torch_dtype
+            ).to(self.device)
         self.model.eval()
         config = self.model.config
         self.codebook_size = config.vq_config.num_embeddings
@@ -58,6 +64,11 @@ class TransformersAREngine(AREngine):
         self.generation_config = copy.deepcopy(self.model.generation_config)
         self.generation_config.suppress_tokens = []
         self._lock = threading.Lock()
+
+    def peak_memory_gib(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.device) / 2**30
 
     async def generate(self, request: ARGenerationRequest,
                        on_tokens: Callable[[int], None] | None = None) -> ARGenerationOutput:

@@ -34,6 +34,7 @@ import torch
 
 from common.sizes import token_layout
 from common.stage_config import AREngineArgs
+from model_presets import random_init
 from stage_ar.engine import AREngine, ARGenerationOutput, ARGenerationRequest
 from stage_ar.scaffold import build_scaffold
 
@@ -72,6 +73,11 @@ class VllmAREngine(AREngine):
         )
         self._vision_lock = threading.Lock()
         self._ar_dir = ar_dir
+        self._random_init = random_init.random_init_requested(root)
+        if self._random_init:
+            # vLLM's dummy weights (small uniform values made on the device), and random condition-image
+            # tokenizer weights (model_presets/random_init.py): timing only.
+            random_init.warn_random_init(logger, "AR (vLLM, load_format dummy)", root, device)
 
         if device.startswith("cpu"):
             # vLLM's CPU backend binds OpenMP threads itself; an inherited setting would fight it.
@@ -100,6 +106,7 @@ class VllmAREngine(AREngine):
             # sha256 is in the standard library (vLLM's default, blake3, is an extra package).
             mm_hasher_algorithm="sha256",
             disable_log_stats=True,
+            **({"load_format": "dummy"} if self._random_init else {}),
         )
         self._engine = AsyncLLM.from_engine_args(args)
 
@@ -202,7 +209,7 @@ class VllmAREngine(AREngine):
         with self._vision_lock:  # one ViT + VQ pass at a time; loaded on first use
             if self._vision is None:
                 self._vision = _ConditionImageTokenizer(
-                    self._ar_dir, self._dtype, self._device
+                    self._ar_dir, self._dtype, self._device, self._random_init
                 )
             vq_ids = self._vision.tokenize(inputs["pixel_values"], cond_grids)
         prompt_ids = _collapse_placeholders(
@@ -251,7 +258,7 @@ class _ConditionImageTokenizer:
     transformers engine), without the ~9B decoder, which lives in vLLM.
     """
 
-    def __init__(self, ar_dir: Path, torch_dtype: torch.dtype, device: str) -> None:
+    def __init__(self, ar_dir: Path, torch_dtype: torch.dtype, device: str, random_weights: bool = False) -> None:
         from safetensors import safe_open
         from transformers import AutoConfig
         from transformers.models.glm_image.modeling_glm_image import (
@@ -259,8 +266,11 @@ class _ConditionImageTokenizer:
             GlmImageVQVAE,
         )
 
-        config = AutoConfig.from_pretrained(str(ar_dir))
         self.device = torch.device(device)
+        if random_weights:
+            self.visual, self.vqmodel = random_init.ar_vision_modules(ar_dir.parent, torch_dtype, device)
+            return
+        config = AutoConfig.from_pretrained(str(ar_dir))
         self.visual = GlmImageVisionModel._from_config(
             config.vision_config, dtype=torch_dtype
         )

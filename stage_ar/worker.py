@@ -82,8 +82,9 @@ class ARStageHandler:
             height=used.height,
             width=used.width,
         )
-        logger.info("[%s] job %s: %d tokens in %.2fs (%.0f tok/s)", job.log_tag, job.job_id, n_tokens, elapsed,
-                    n_tokens / max(elapsed, 1e-9))
+        peak = self.engine.peak_memory_gib()
+        logger.info("[%s] job %s: %d tokens in %.2fs (%.0f tok/s)%s", job.log_tag, job.job_id, n_tokens, elapsed,
+                    n_tokens / max(elapsed, 1e-9), "" if peak is None else f"; peak GPU memory {peak:.2f} GiB")
         return result, {"ar_s": elapsed}
 
 

@@ -27,6 +27,7 @@ from common.protocol import DiTJob, DiTResult
 from common.sizes import Grid, ImageSize
 from common.stage_config import DiTEngineArgs
 from common.worker_runtime import JobProgressReporter
+from model_presets import random_init
 from stage_dit.speedups import BlockCache, compile_repeated_blocks
 
 logger = logging.getLogger(__name__)
@@ -51,12 +52,17 @@ class DiTPipelineRunner:
         the worker counts them in `glm_worker_denoising_steps_total`."""
         self.device = torch.device(device)
         self.on_step = on_step
-        self.pipe = GlmImagePipeline.from_pretrained(
-            str(model_path),
-            vision_language_encoder=None,
-            processor=None,
-            dtype=engine_args.torch_dtype,
-        ).to(self.device)
+        if random_init.random_init_requested(model_path):
+            # Random weights made on the device (model_presets/random_init.py): timing only.
+            random_init.warn_random_init(logger, "DiT", model_path, str(self.device))
+            self.pipe = random_init.dit_pipeline(model_path, engine_args.torch_dtype, str(self.device))
+        else:
+            self.pipe = GlmImagePipeline.from_pretrained(
+                str(model_path),
+                vision_language_encoder=None,
+                processor=None,
+                dtype=engine_args.torch_dtype,
+            ).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         # The pipeline keeps per-call state on itself (guidance scale, interrupt flag).
         self._lock = threading.Lock()
@@ -65,6 +71,12 @@ class DiTPipelineRunner:
         self.cache = BlockCache(self.pipe.transformer, engine_args.cache) if engine_args.cache else None
         if engine_args.compile is not None:
             compile_repeated_blocks(self.pipe.transformer, engine_args.compile)
+
+    def peak_memory_gib(self) -> float | None:
+        """Peak GPU memory this worker allocated through torch so far (GiB); None off a GPU."""
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.device) / 2**30
 
     def run(self, job: DiTJob, cancel: threading.Event, progress: JobProgressReporter | None = None) -> DiTResult:
         """Denoise and decode one image. Stops at the next step once `cancel` is set; reports

@@ -28,7 +28,12 @@ class DiTStageHandler:
             result = await run_cancellable(lambda cancel: self.runner.run(dit, cancel, progress))
         except DiTInputError as exc:
             raise JobRejected(str(exc)) from exc
-        return result, {"dit_s": time.monotonic() - started}
+        elapsed = time.monotonic() - started
+        peak = self.runner.peak_memory_gib()
+        logger.info("[%s] job %s: %d steps at %dx%d in %.2fs%s", job.log_tag, job.job_id,
+                    dit.original_prompt.num_inference_steps, result.width, result.height, elapsed,
+                    "" if peak is None else f"; peak GPU memory {peak:.2f} GiB")
+        return result, {"dit_s": elapsed}
 
 
 async def serve_dit_worker(options: WorkerOptions) -> None:

@@ -335,10 +335,17 @@ class GlmImage:
             raise ValueError("at least one AR and one DiT worker are needed")
         self.num_ar, self.num_dit = num_ar, num_dit
         self.ar_devices, self.dit_devices = tuple(ar_devices), tuple(dit_devices)
+        from model_presets.random_init import random_init_requested, served_model_name, weights_problem
+        from model_presets.tiny_model import read_stamp
+
+        problem = weights_problem(self.model)  # the launcher's check: weights, or random init asked for
+        if problem is not None:
+            raise ValueError(problem)
         if model_name is None:
-            tiny = (self.model / "glm_image_serve_build.json").exists()  # written by make-tiny-model
-            model_name = TINY_MODEL_NAME if tiny else defaults.MODEL_NAME
-        self.model_name = model_name
+            tiny = (read_stamp(self.model) or {}).get("preset") == "tiny"  # make-tiny-model's folder
+            model_name = TINY_MODEL_NAME if tiny and not random_init_requested(self.model) else defaults.MODEL_NAME
+        # As the launcher names it: a folder served with random weights says so (...-random-init).
+        self.model_name = served_model_name(model_name, defaults.MODEL_NAME, self.model)
         self._own_log_dir = log_dir is None
         self.log_dir = Path(tempfile.mkdtemp(prefix="glm-image-offline-")) if log_dir is None else Path(log_dir)
         self.verbose, self.ready_timeout = verbose, ready_timeout

@@ -46,6 +46,7 @@ GROUP_COST = {
     "test_real_shape": 690,
     "test_offline": 430,
     "netns": 420,
+    "test_random_init": 340,
     "test_vllm_engine": 290,
     "test_engines_e2e": 210,
     "test_api_keys": 150,

@@ -357,9 +357,38 @@ def phase_serve(rec: Recorder, args, model: Path) -> None:
 # --- phase 3: the AR decode-step curve -----------------------------------------------------------------
 
 
-def phase_decode(rec: Recorder, args, model: Path) -> None:
+def _filled_cache(text, batch: int, args, slack: int):
+    """A static KV cache holding `--kv-tokens` random positions per sequence (what a ~1024x1024 request
+    holds when its last tokens are written), with room for `slack` more."""
     import torch
-    from transformers import DynamicCache
+    from transformers import StaticCache
+
+    cache = StaticCache(config=text, max_cache_len=args.kv_tokens + slack)
+    shape = (batch, text.num_key_value_heads, args.kv_tokens, text.head_dim)
+    for layer in cache.layers[: text.num_hidden_layers]:
+        layer.update(torch.randn(shape, dtype=args.torch_dtype, device=args.device),
+                     torch.randn(shape, dtype=args.torch_dtype, device=args.device))
+    return cache
+
+
+def _timed(step, n: int, warmup: int, device: str) -> float:
+    """Median seconds of `step()` over `n` calls after `warmup`."""
+    times = []
+    for i in range(warmup + n):
+        _sync(device)
+        t = time.perf_counter()
+        step()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def phase_decode(rec: Recorder, args, model: Path) -> None:
+    """Decode-step time of the AR decoder (+ lm_head) at each batch size with a filled KV cache: eager
+    (as the transformers engine runs it, Python and kernel-launch overhead included) and, on a GPU,
+    replayed as one CUDA graph (the model's own time, as vLLM's CUDA-graph decode sees it)."""
+    import torch
 
     from model_presets import random_init
 
@@ -370,33 +399,43 @@ def phase_decode(rec: Recorder, args, model: Path) -> None:
     text = ar.config.text_config
     lm, head = ar.model.language_model, ar.lm_head
     codebook = ar.config.vq_config.num_embeddings
+    graphs = args.device.startswith("cuda") and not args.no_cuda_graphs
+    slack = 2 * (args.decode_warmup + args.decode_steps) + 8
     for batch in args.batches:
         if rec.left_s() < 10:
             rec.add("decode", batch=batch, skipped=f"{rec.left_s():.0f} s left of the budget")
             continue
+        result: dict = {"batch": batch, "kv_tokens": args.kv_tokens}
         try:
-            cache = DynamicCache(config=text)
-            shape = (batch, text.num_key_value_heads, args.kv_tokens, text.head_dim)
-            for layer in range(text.num_hidden_layers):
-                cache.update(torch.randn(shape, dtype=args.torch_dtype, device=args.device),
-                             torch.randn(shape, dtype=args.torch_dtype, device=args.device), layer)
+            cache = _filled_cache(text, batch, args, slack)
             ids = torch.randint(0, codebook, (batch, 1), device=args.device)
-            times = []
-            with torch.inference_mode():
-                for step in range(args.decode_warmup + args.decode_steps):
-                    _sync(args.device)
-                    t = time.perf_counter()
-                    out = lm(input_ids=ids, past_key_values=cache, use_cache=True)
-                    ids = head(out.last_hidden_state[:, -1]).argmax(-1, keepdim=True)
-                    _sync(args.device)
-                    if step >= args.decode_warmup:
-                        times.append(time.perf_counter() - t)
-            step_s = statistics.median(times)
-            rec.add("decode", batch=batch, kv_tokens=args.kv_tokens, step_ms=round(step_s * 1000, 3),
-                    tokens_per_s=round(batch / step_s, 1))
-            del cache, out
+
+            @torch.inference_mode()
+            def step():
+                out = lm(input_ids=ids, past_key_values=cache, use_cache=True)
+                ids.copy_(head(out.last_hidden_state[:, -1]).argmax(-1, keepdim=True))
+
+            step_s = _timed(step, args.decode_steps, args.decode_warmup, args.device)
+            result.update(step_ms=round(step_s * 1000, 3), tokens_per_s=round(batch / step_s, 1))
+            if graphs:
+                try:
+                    stream = torch.cuda.Stream()
+                    stream.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(stream):
+                        step()
+                    torch.cuda.current_stream().wait_stream(stream)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        step()
+                    graph_s = _timed(graph.replay, args.decode_steps, args.decode_warmup, args.device)
+                    result.update(graph_step_ms=round(graph_s * 1000, 3), graph_tokens_per_s=round(batch / graph_s, 1))
+                    del graph
+                except Exception as exc:
+                    result["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            del cache
         except Exception as exc:
-            rec.add("decode", batch=batch, error=f"{type(exc).__name__}: {exc}"[:500])
+            result["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        rec.add("decode", **result)
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
     if args.device.startswith("cuda"):
@@ -475,6 +514,11 @@ def phase_dit(rec: Recorder, args, model: Path) -> None:
 # --- the table -----------------------------------------------------------------------------------------
 
 
+def args_kv(rec: Recorder) -> str:
+    setup = rec.find("decode_setup") or {}
+    return str(setup.get("kv_tokens", "?"))
+
+
 def render_table(rec: Recorder) -> str:
     env = rec.find("env") or {}
     model = rec.find("model") or {}
@@ -515,16 +559,24 @@ def render_table(rec: Recorder) -> str:
         ]
     else:
         lines.append("| end to end | not measured | |")
-    lines += ["", f"## AR decode step, {model.get('preset', '?')} decoder, eager transformers", "",
-              "| batch | KV tokens | step ms | aggregate tokens/s | vs batch 1 per step |", "|---|---|---|---|---|"]
-    decodes = [r for r in rec.all("decode") if "step_ms" in r]
-    base = decodes[0]["step_ms"] if decodes and decodes[0]["batch"] == 1 else None
-    for r in rec.all("decode"):
-        if "step_ms" in r:
-            growth = f"{r['step_ms'] / base:.2f}x" if base else "-"
-            lines.append(f"| {r['batch']} | {r['kv_tokens']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} | {growth} |")
+    lines += ["", f"## AR decode step, {model.get('preset', '?')} decoder + lm_head, KV cache of {args_kv(rec)} tokens", "",
+              "Eager: as the transformers engine runs it (Python and launch overhead included). CUDA graph: the "
+              "same step replayed as one graph, the model's own time (what vLLM's graph decode approaches).", "",
+              "| batch | eager step ms | eager tokens/s | eager vs batch 1 | graph step ms | graph tokens/s | graph vs batch 1 |",
+              "|---|---|---|---|---|---|---|"]
+    decodes = rec.all("decode")
+    base = next((r for r in decodes if r["batch"] == 1 and "step_ms" in r), {})
+    for r in decodes:
+        if "step_ms" not in r:
+            lines.append(f"| {r['batch']} | {r.get('skipped') or r.get('error')} | | | | | |")
+            continue
+        eager_growth = f"{r['step_ms'] / base['step_ms']:.2f}x" if base else "-"
+        if "graph_step_ms" in r:
+            graph = f"{r['graph_step_ms']:.2f} | {r['graph_tokens_per_s']:.0f} | "
+            graph += f"{r['graph_step_ms'] / base['graph_step_ms']:.2f}x" if "graph_step_ms" in base else "-"
         else:
-            lines.append(f"| {r['batch']} | | {r.get('skipped') or r.get('error')} | | |")
+            graph = f"{r.get('graph_error', '-')} | - | -"
+        lines.append(f"| {r['batch']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} | {eager_growth} | {graph} |")
     lines += ["", "## DiT seconds per step", "", "| mode | size | s/step | vs eager | max rel. diff to eager | reference |",
               "|---|---|---|---|---|---|"]
     for r in rec.all("dit"):
@@ -565,7 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", default="1,4,8,16,32,64", help="decode-curve batch sizes (default: %(default)s)")
     p.add_argument("--kv-tokens", type=int, default=1300, help="KV cache length of the decode curve (default: %(default)s)")
     p.add_argument("--decode-steps", type=int, default=10, help="timed decode steps per batch size (default: %(default)s)")
-    p.add_argument("--decode-warmup", type=int, default=3)
+    p.add_argument("--decode-warmup", type=int, default=3, help="untimed decode steps first (default: %(default)s)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="time the decode steps eager only")
     p.add_argument("--dit-size", type=int, help="DiT step-time image side (default: 1024; small: 512)")
     p.add_argument("--dit-steps", type=int, default=6, help="denoising steps per timed DiT call (default: %(default)s)")
     p.add_argument("--compile-backend", choices=["inductor", "aot_eager", "eager"],

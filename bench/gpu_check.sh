@@ -19,7 +19,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --wheels) WHEELS=${2:?--wheels needs a folder}; shift 2 ;;
     --fetch-wheels) FETCH=${2:?--fetch-wheels needs a folder}; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0"; PASS+=("--help"); shift ;;
+    -h|--help) sed -n '2,11p' "$0"; PASS+=("--help"); shift ;;
     *) PASS+=("$1"); shift ;;
   esac
 done

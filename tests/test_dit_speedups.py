@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 from torch._dynamo.utils import counters
 
 from bench.dit_speedups import cache_job_stats, deep_tiny_model, make_job, max_abs_diff, psnr

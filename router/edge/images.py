@@ -103,7 +103,7 @@ def load_condition_image(raw: bytes, limits: Limits, what: str) -> ConditionImag
         image = Image.open(io.BytesIO(raw), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
         raise InvalidRequest(f"{what} is not a {_ACCEPTED_TEXT} image") from None
-    except Image.DecompressionBombError as exc:
+    except Image.DecompressionBombError:
         # Pillow's own guard (2x Image.MAX_IMAGE_PIXELS) fired while reading the header.
         raise _too_many_pixels(what, limits) from None
     except (OSError, SyntaxError, ValueError) as exc:

@@ -370,6 +370,20 @@ async def test_the_wait_follows_the_pipeline():
         admission.release()
 
 
+async def test_a_fresh_fleet_promises_no_wait_it_cannot_estimate():
+    """With max_queue_wait_s set and no job time known anywhere yet, only free slots are admitted."""
+    ar, dit = SharedWorker("ar0", Stage.AR, 2), SharedWorker("dit0", Stage.DIT, 1)
+    fleet = Fleet(stage_config(max_queue_wait_s=10), [ar, dit])
+    scheduler = fleet.routers[0]
+    first = scheduler.admit(fleet.request())  # the one DiT slot
+    with pytest.raises(Overloaded) as refused:
+        scheduler.admit(fleet.request())
+    assert "warming up" in refused.value.message and refused.value.retry_after_s == 1.0
+    scheduler.service_s[Stage.DIT] = 1.0  # a DiT job finished: waits can be estimated now
+    scheduler.admit(fleet.request()).release()
+    first.release()
+
+
 async def test_a_new_router_estimates_from_the_job_times_workers_report():
     """No job of its own yet (a router just started): the workers' heartbeats carry their job times."""
     ar, dit = SharedWorker("ar0", Stage.AR, 1), SharedWorker("dit0", Stage.DIT, 1)
@@ -380,10 +394,11 @@ async def test_a_new_router_estimates_from_the_job_times_workers_report():
         heartbeat = worker.heartbeat("r0").model_copy(update={"job_seconds": seconds})
         scheduler.pool.observe(worker.worker_id.encode(), heartbeat)
     admitted = [scheduler.admit(fleet.request()) for _ in range(4)]
-    # The DiT backlog (4 images ahead + 1, 1 slot, 3 s each) is 12 s; reached after 1 s of AR: 11 s > 10 s.
+    # The 4 ahead reach the DiT at 1, 2, 3, 4 s (one AR slot, 1 s each) and leave it at 4, 7, 10, 13 s
+    # (3 s each); the new image waits for that: it ends at 16 s instead of 4 s, 12 s of wait > 10 s.
     with pytest.raises(Overloaded) as refused:
         scheduler.admit(fleet.request())
-    assert "wait about 11s" in refused.value.message
+    assert "wait about 12s" in refused.value.message
     for admission in admitted:
         admission.release()
 

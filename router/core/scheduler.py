@@ -18,6 +18,7 @@ then first come, first served.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import logging
 import math
@@ -146,6 +147,9 @@ class Scheduler:
         self._served = itertools.count(1)
         # Per stage, a running average of job time (dispatch to result); None until one finished.
         self.service_s: dict[Stage, float | None] = {stage: None for stage in Stage}
+        # ... and of how far job times stray from it (as TCP tracks round-trip times): admission plans
+        # with mean + 2 deviations, so a request admitted at the edge of its deadline still makes it.
+        self.service_dev_s: dict[Stage, float] = {stage: 0.0 for stage in Stage}
         self._admitted: list[AdmittedImage] = []
         self._tenant_images: dict[str, int] = {}
         self._refusal_backoff_s = 2 * config.bus.heartbeat_interval_s
@@ -218,6 +222,19 @@ class Scheduler:
                     f"({capacity} slot(s)), limit {limit}; retry later", retry_after_s=self._retry_after(tier, n))
 
     def _check_wait(self, tier: ServiceTier, n: int) -> None:
+        max_wait = self.settings.max_queue_wait_s
+        if max_wait is not None:
+            # A fresh fleet: nothing says how long a job takes yet, so no wait can be promised. Only
+            # what free slots can start at once is admitted until the first job time is known.
+            for stage in Stage:
+                capacity = self.pool.capacity(stage)
+                if capacity and self.service_time(stage) is None and (
+                        self._needing(stage) + self._others_running(stage) + n > capacity):
+                    self.metrics.rejected.labels(reason="wait", tier=tier).inc()
+                    raise Overloaded(
+                        f"server is warming up: its {capacity} {stage.value} slot(s) are taken and no {stage.value} "
+                        f"job has finished yet to promise a wait within {max_wait:.0f}s; retry shortly",
+                        retry_after_s=1.0)
         wait_s = self.estimated_wait_s(tier, n)
         if wait_s is None:
             return
@@ -232,32 +249,59 @@ class Scheduler:
                 f"(allowed {max(allowed, 0):.0f}s); retry later", retry_after_s=max(1.0, wait_s - allowed))
 
     def estimated_wait_s(self, tier: ServiceTier, n: int = 1) -> float | None:
-        """Seconds `n` new images of `tier` would wait for slots, all stages together; None before any
-        job time is known.
+        """Seconds the last of `n` new images of `tier` would wait for slots, all stages together;
+        None before any job time is known.
 
-        The images go through the stages in order. At each stage the work ahead of them (this
-        router's images of the same or a higher tier that still need the stage, and the jobs other
-        routers run on its workers) clears at `slots / job time`; they start the stage when they
-        reach it or when that work has cleared, whichever is later. So a DiT backlog overlaps the
-        time they spend in the AR stage, and the waits of the two stages add up."""
+        A small simulation of the pipeline: each stage is its live slots serving jobs of its recent
+        job time. Its slots start busy with the jobs running now (this router's and, from their
+        heartbeats, other routers'), each expected half done. The work ahead (this router's images
+        of the same or a higher tier) then runs in order: images still in the AR stage reach the
+        DiT only when their AR job ends, so an idle DiT does not count as clearing them, and a DiT
+        backlog that clears while the new images are in the AR stage costs them nothing."""
         rank = SERVICE_TIERS.index(tier)
-        elapsed = service_total = 0.0
+        ahead = [image for image in self._admitted if SERVICE_TIERS.index(image.tier) <= rank]
         known = False
+        # When each image ahead that still needs the AR reaches the DiT; then the new images.
+        dit_ready: list[float] = [0.0] * sum(1 for image in ahead if Stage.AR in image.stages_left)
+        mine: list[float] = [0.0] * n
+        service_total = 0.0
         for stage in Stage:
             service, capacity = self.service_time(stage), self.pool.capacity(stage)
             if service is None or not capacity:
                 continue
             known = True
-            ahead = self._needing(stage, max_rank=rank) + self._others_running(stage)
-            cleared_at = max(0, ahead + n - capacity) * service / capacity
-            elapsed = max(elapsed, cleared_at) + service
             service_total += service
-        return elapsed - service_total if known else None
+            own_running = sum(len(w.assigned) for w in self.pool.live(stage))
+            busy = min(capacity, own_running + self._others_running(stage))
+            slots = [service / 2] * busy + [0.0] * (capacity - busy)
+            if stage == Stage.AR:
+                queued = sorted(dit_ready)
+                running = min(own_running, len(queued))
+                # Running AR jobs reach the DiT when they end; the others start when a slot frees.
+                dit_ready = [service / 2] * running + self._serve(slots, queued[running:], service)
+            else:
+                waiting_for_dit = sum(1 for image in ahead if image.stages_left == {Stage.DIT})
+                queued = [0.0] * max(0, waiting_for_dit - own_running) + dit_ready
+                self._serve(slots, sorted(queued), service)
+            mine = self._serve(slots, mine, service)
+        return max(mine) - service_total if known else None
+
+    @staticmethod
+    def _serve(slots: list[float], ready_at: list[float], service: float) -> list[float]:
+        """Jobs ready at `ready_at` (in order) on slots free at `slots` (a heap, updated): their end times."""
+        heapq.heapify(slots)
+        ends = []
+        for ready in ready_at:
+            end = max(heapq.heappop(slots), ready) + service
+            heapq.heappush(slots, end)
+            ends.append(end)
+        return ends
 
     def service_time(self, stage: Stage) -> float | None:
-        """A stage's job time: this router's running average, else what its live workers report."""
+        """A stage's job time as admission plans with it: this router's running average plus twice
+        the running deviation, else what its live workers report."""
         if self.service_s[stage] is not None:
-            return self.service_s[stage]
+            return self.service_s[stage] + 2 * self.service_dev_s[stage]
         reported = [w.job_seconds for w in self.pool.live(stage) if w.job_seconds is not None]
         return sum(reported) / len(reported) if reported else None
 
@@ -301,7 +345,11 @@ class Scheduler:
                 continue
             elapsed = self.clock.now() - ticket.granted_at
             previous = self.service_s[stage]
-            self.service_s[stage] = elapsed if previous is None else (1 - _SERVICE_EMA) * previous + _SERVICE_EMA * elapsed
+            if previous is None:
+                self.service_s[stage] = elapsed
+            else:
+                self.service_dev_s[stage] += _SERVICE_EMA * (abs(elapsed - previous) - self.service_dev_s[stage])
+                self.service_s[stage] = previous + _SERVICE_EMA * (elapsed - previous)
             self.metrics.job_seconds.labels(stage=stage.value).observe(self.clock.now() - ticket.enqueued_at)
             job.image.stages_left.discard(stage)
             return result

@@ -35,8 +35,9 @@ if [ -n "$FETCH" ]; then
   exit $?
 fi
 
-if [ -x "$ROOT/.venv/bin/python" ] && [ -z "$WHEELS" ]; then
-  PY="$ROOT/.venv/bin/python"
+VENV=${GLM_SERVE_VENV:-$ROOT/.venv}  # the project's environment, where set-up put it
+if [ -x "$VENV/bin/python" ] && [ -z "$WHEELS" ]; then
+  PY="$VENV/bin/python"
 else
   PY=$(command -v python3)
 fi

@@ -371,11 +371,12 @@ async def test_the_wait_follows_the_pipeline():
 
 
 async def test_a_fresh_fleet_promises_no_wait_it_cannot_estimate():
-    """With max_queue_wait_s set and no job time known anywhere yet, only free slots are admitted."""
-    ar, dit = SharedWorker("ar0", Stage.AR, 2), SharedWorker("dit0", Stage.DIT, 1)
+    """With max_queue_wait_s set and no job time known anywhere yet, the slots and one more round
+    are admitted, nothing beyond."""
+    ar, dit = SharedWorker("ar0", Stage.AR, 4), SharedWorker("dit0", Stage.DIT, 1)
     fleet = Fleet(stage_config(max_queue_wait_s=10), [ar, dit])
     scheduler = fleet.routers[0]
-    first = scheduler.admit(fleet.request())  # the one DiT slot
+    first = scheduler.admit(fleet.request(n=2))  # the one DiT slot, and the next round
     with pytest.raises(Overloaded) as refused:
         scheduler.admit(fleet.request())
     assert "warming up" in refused.value.message and refused.value.retry_after_s == 1.0

@@ -224,17 +224,17 @@ class Scheduler:
     def _check_wait(self, tier: ServiceTier, n: int) -> None:
         max_wait = self.settings.max_queue_wait_s
         if max_wait is not None:
-            # A fresh fleet: nothing says how long a job takes yet, so no wait can be promised. Only
-            # what free slots can start at once is admitted until the first job time is known.
+            # A fresh fleet: nothing says how long a job takes yet. Until the first job time is
+            # known, admit what the slots can start now plus one more round (a wait of one job).
             for stage in Stage:
                 capacity = self.pool.capacity(stage)
                 if capacity and self.service_time(stage) is None and (
-                        self._needing(stage) + self._others_running(stage) + n > capacity):
+                        self._needing(stage) + self._others_running(stage) + n > 2 * capacity):
                     self.metrics.rejected.labels(reason="wait", tier=tier).inc()
                     raise Overloaded(
-                        f"server is warming up: its {capacity} {stage.value} slot(s) are taken and no {stage.value} "
-                        f"job has finished yet to promise a wait within {max_wait:.0f}s; retry shortly",
-                        retry_after_s=1.0)
+                        f"server is warming up: its {capacity} {stage.value} slot(s) and one round of waiting are "
+                        f"taken, and no {stage.value} job has finished yet to promise a wait within "
+                        f"{max_wait:.0f}s; retry shortly", retry_after_s=1.0)
         wait_s = self.estimated_wait_s(tier, n)
         if wait_s is None:
             return

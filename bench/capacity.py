@@ -71,6 +71,19 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14, 15 of stat)
 
 
+def stop_sims(sims: list[subprocess.Popen]) -> None:
+    """SIGTERM every sim worker process group, then SIGKILL those still there after 15 s."""
+    for popen in sims:
+        if popen.poll() is None:
+            os.killpg(popen.pid, signal.SIGTERM)
+    for popen in sims:
+        try:
+            popen.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+
+
 @dataclass
 class SimCluster:
     """A real router process plus sim worker processes, pinned apart. Use as a context manager."""
@@ -125,15 +138,7 @@ class SimCluster:
         self.cluster.wait_for_workers(self.expected["ar"], self.expected["dit"], timeout=60, exact=True)
 
     def __exit__(self, *exc) -> None:
-        for popen in self.sims:
-            if popen.poll() is None:
-                os.killpg(popen.pid, signal.SIGTERM)
-        for popen in self.sims:
-            try:
-                popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(popen.pid, signal.SIGKILL)
-                popen.wait()
+        stop_sims(self.sims)
         self.cluster.stop()
 
 

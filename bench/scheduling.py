@@ -58,7 +58,6 @@ import os
 import random
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -70,7 +69,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.capacity import BASE_STAGE_CONFIG, ROOT, TOKENS_1024
+from bench.capacity import BASE_STAGE_CONFIG, ROOT, TOKENS_1024, stop_sims
 from bench.load import KeepAliveClient, RequestSpec
 from bench.sim_workers import DEFAULT_BATCH_GROWTH, VLLM_OMNI_AR_TOKENS_PER_S, VLLM_OMNI_DIT_S_50_STEPS, BatchingCurve
 from harness.local_cluster import Cluster, write_stage_config
@@ -259,15 +258,7 @@ class Fleet:
         return [c.url for c in self.routers]
 
     def __exit__(self, *exc) -> None:
-        for popen in self.sims:
-            if popen.poll() is None:
-                os.killpg(popen.pid, signal.SIGTERM)
-        for popen in self.sims:
-            try:
-                popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(popen.pid, signal.SIGKILL)
-                popen.wait()
+        stop_sims(self.sims)
         for cluster in self.routers:
             cluster.stop()
 

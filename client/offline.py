@@ -361,6 +361,7 @@ class GlmImage:
         self._supervisor = None
         self._supervisor_task: asyncio.Task | None = None
         self._bus = None
+        self._orchestrator = None
         self._http_server = None
         self._http_task: asyncio.Task | None = None
         self._echo = None
@@ -491,6 +492,10 @@ class GlmImage:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._orchestrator is not None:
+            # Requests the edge runs in tasks of its own (streams) too: their jobs are cancelled on the
+            # workers now, rather than drained by the workers' shutdown below.
+            await self._orchestrator.cancel_all()
         if self._http_server is not None and self._http_task is not None:
             self._http_server.should_exit = True
             await asyncio.gather(self._http_task, return_exceptions=True)

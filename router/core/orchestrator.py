@@ -114,6 +114,8 @@ class Orchestrator:
         self.model_name = model_name
         self.results = ResultCache(config.router.result_cache_bytes, metrics)
         self._config_fingerprint = config.fingerprint()
+        # The tasks running `generate` now, so a shutdown can cancel them before the workers go.
+        self._running: set[asyncio.Task] = set()
         # Read at scrape time (on the event loop, which owns this state), so the gauges are exact.
         metrics.watch_stages(scheduler.stage_snapshots)
 
@@ -132,6 +134,8 @@ class Orchestrator:
         cancelling the caller cancels every job on the workers. `listener` sees the
         GenerationEvents (see ImageBackend.generate)."""
         admission = self.scheduler.admit(request)
+        current = asyncio.current_task()
+        self._running.add(current)
         emit = listener or _ignore
         deadline_at = self.scheduler.clock.now() + self.config.router.request_deadline_s
         base_seed = self._base_seed(request)
@@ -147,6 +151,15 @@ class Orchestrator:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             admission.release()
+            self._running.discard(current)
+
+    async def cancel_all(self) -> None:
+        """Cancel every request in flight and wait until their jobs are cancelled on the workers
+        (a shutdown does this before it stops the workers, which would otherwise drain the jobs)."""
+        running = list(self._running)
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
     def _base_seed(self, request: ImageRequest) -> int:
         """The request's seed, else the stage config's default, else a fresh random one, so two

@@ -280,7 +280,8 @@ def test_gpu_check_runs_end_to_end_on_cpu_at_small_depth(tmp_path):
     """bench/gpu_check.sh's own logic: every phase, every check and the table, on the tiny preset."""
     out, work = tmp_path / "out", tmp_path / "work"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GLM_")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    # The script runs on the environment this test runs on, wherever set-up put it.
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", GLM_SERVE_VENV=sys.prefix)
     result = subprocess.run([str(ROOT / "bench" / "gpu_check.sh"), "--device", "cpu", "--depth", "small", "--out", str(out),
                              "--work", str(work), "--budget-s", "1200", "--batches", "1,4,16"],
                             capture_output=True, text=True, timeout=1500, cwd=ROOT, env=env)

@@ -136,26 +136,32 @@ class KeepAliveClient:
     a load generator must not be what it measures. `--client httpx` is still there to compare.
     """
 
-    def __init__(self, url: str, timeout_s: float, connections: int):
+    def __init__(self, url: str, timeout_s: float, connections: int, api_key: str | None = None):
         parts = urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.timeout_s = timeout_s
+        self.auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self.max_idle = connections
 
     async def post_json(self, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
+        status, _headers, payload = await self.post_json_with_headers(path, body)
+        return status, payload
+
+    async def post_json_with_headers(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+        """POST `body` as JSON; the status, the response headers (names lower-cased) and the body."""
         data = json.dumps(body).encode()
         head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(data)}\r\n\r\n").encode()
+                f"{self.auth}Content-Length: {len(data)}\r\n\r\n").encode()
         return await asyncio.wait_for(self._exchange(head + data), self.timeout_s)
 
-    async def _exchange(self, request: bytes) -> tuple[int, bytes]:
+    async def _exchange(self, request: bytes) -> tuple[int, dict[str, str], bytes]:
         while True:
             reused = bool(self.idle)
             reader, writer = self.idle.pop() if reused else await asyncio.open_connection(self.host, self.port)
             try:
                 writer.write(request)
-                status, keep, payload = await self._read_response(reader)
+                status, keep, headers, payload = await self._read_response(reader)
             except (asyncio.IncompleteReadError, ConnectionError) as exc:
                 writer.close()
                 # The server closed an idle keep-alive connection before reading this request: resend
@@ -170,10 +176,10 @@ class KeepAliveClient:
                 self.idle.append((reader, writer))
             else:
                 writer.close()
-            return status, payload
+            return status, headers, payload
 
     @staticmethod
-    async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool, bytes]:
+    async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool, dict[str, str], bytes]:
         head = await reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ", 2)[1])
@@ -181,9 +187,9 @@ class KeepAliveClient:
         for line in lines[1:]:
             if ":" in line:
                 name, value = line.split(":", 1)
-                headers[name.strip().lower()] = value.strip().lower()
-        keep = headers.get("connection") != "close"
-        if headers.get("transfer-encoding") == "chunked":
+                headers[name.strip().lower()] = value.strip()
+        keep = headers.get("connection", "").lower() != "close"
+        if headers.get("transfer-encoding", "").lower() == "chunked":
             chunks = []
             while True:
                 size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
@@ -191,10 +197,10 @@ class KeepAliveClient:
                 if size == 0:
                     break
                 chunks.append(chunk[:-2])
-            return status, keep, b"".join(chunks)
+            return status, keep, headers, b"".join(chunks)
         if "content-length" in headers:
-            return status, keep, await reader.readexactly(int(headers["content-length"]))
-        return status, False, await reader.read()  # body until close
+            return status, keep, headers, await reader.readexactly(int(headers["content-length"]))
+        return status, False, headers, await reader.read()  # body until close
 
     async def aclose(self) -> None:
         for _, writer in self.idle:

@@ -77,49 +77,6 @@ from harness.local_cluster import Cluster, write_stage_config
 SPEC = RequestSpec(size="1024x1024", steps=50)  # the calibration point of the timing model
 
 
-# ---------------------------------------------------------------------------
-# HTTP: bench/load.py's client, plus an API key and the response headers.
-
-
-class HeaderClient(KeepAliveClient):
-    """bench.load.KeepAliveClient that sends `Authorization: Bearer <api_key>` (when given) and
-    returns the response headers with the body: `post_json` -> (status, (headers, body))."""
-
-    def __init__(self, url: str, timeout_s: float, connections: int, api_key: str | None = None):
-        super().__init__(url, timeout_s, connections)
-        self.auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
-
-    async def post_json(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-        data = json.dumps(body).encode()
-        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
-                f"{self.auth}Content-Length: {len(data)}\r\n\r\n").encode()
-        return await asyncio.wait_for(self._exchange(head + data), self.timeout_s)
-
-    @staticmethod
-    async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool, Any]:
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        headers = {}
-        for line in lines[1:]:
-            if ":" in line:
-                name, value = line.split(":", 1)
-                headers[name.strip().lower()] = value.strip()
-        keep = headers.get("connection", "").lower() != "close"
-        if headers.get("transfer-encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-                chunk = await reader.readexactly(size + 2)
-                if size == 0:
-                    break
-                chunks.append(chunk[:-2])
-            return status, keep, (headers, b"".join(chunks))
-        if "content-length" in headers:
-            return status, keep, (headers, await reader.readexactly(int(headers["content-length"])))
-        return status, False, (headers, await reader.read())
-
-
 @dataclass
 class Outcome:
     """One request as the client saw it; times in wall seconds from the run's start."""
@@ -137,12 +94,12 @@ class Outcome:
         return self.ended - self.started
 
 
-async def send(client: HeaderClient, who: str, index: int, t0: float) -> Outcome:
+async def send(client: KeepAliveClient, who: str, index: int, t0: float) -> Outcome:
     """One 1024x1024, 50-step request; never raises."""
     started = time.perf_counter() - t0
     status, images, retry_after, error = 0, 0, None, None
     try:
-        status, (headers, payload) = await client.post_json(SPEC.path, SPEC.body(index))
+        status, headers, payload = await client.post_json_with_headers(SPEC.path, SPEC.body(index))
         retry_after = headers.get("retry-after")
         if status == 200:
             images = len(json.loads(payload).get("data") or [])
@@ -153,7 +110,7 @@ async def send(client: HeaderClient, who: str, index: int, t0: float) -> Outcome
     return Outcome(who, started, time.perf_counter() - t0, status, images, retry_after, error)
 
 
-async def open_loop(client: HeaderClient, rate: float, duration_s: float, t0: float, seed: int = 0) -> list[Outcome]:
+async def open_loop(client: KeepAliveClient, rate: float, duration_s: float, t0: float, seed: int = 0) -> list[Outcome]:
     """Poisson arrivals at `rate`/s for `duration_s`, whatever the answers; waits for the last ones."""
     rng = random.Random(seed)
     tasks: list[asyncio.Task] = []
@@ -167,7 +124,7 @@ async def open_loop(client: HeaderClient, rate: float, duration_s: float, t0: fl
     return list(await asyncio.gather(*tasks))
 
 
-async def closed_loop(client: HeaderClient, who: str, clients: int, stop_at: float, t0: float,
+async def closed_loop(client: KeepAliveClient, who: str, clients: int, stop_at: float, t0: float,
                       start_at: float = 0.0) -> list[Outcome]:
     """`clients` clients sending back to back from `start_at` until `stop_at` (run seconds)."""
     out: list[Outcome] = []
@@ -272,7 +229,7 @@ def request_timeout_s(args: argparse.Namespace, deadline_model_s: float) -> floa
 
 
 async def _overload(fleet: Fleet, args: argparse.Namespace, rate: float) -> tuple[list[Outcome], list[Outcome]]:
-    client = HeaderClient(fleet.urls[0], request_timeout_s(args, args.deadline), connections=256)
+    client = KeepAliveClient(fleet.urls[0], request_timeout_s(args, args.deadline), connections=256)
     try:
         t0 = time.perf_counter()
         warm = [await send(client, "warmup", -1 - i, t0) for i in range(args.warmup_requests)]
@@ -340,7 +297,7 @@ def overload(args: argparse.Namespace) -> dict[str, Any]:
 
 async def _saturate(fleet: Fleet, args: argparse.Namespace) -> list[Outcome]:
     n = len(fleet.urls)
-    clients = [HeaderClient(url, request_timeout_s(args, args.routers_deadline), connections=args.clients) for url in fleet.urls]
+    clients = [KeepAliveClient(url, request_timeout_s(args, args.routers_deadline), connections=args.clients) for url in fleet.urls]
     stop_at = args.routers_warmup + args.routers_duration
     try:
         t0 = time.perf_counter()
@@ -407,8 +364,8 @@ def _admitted_by_tier(url: str) -> dict[str, float]:
 
 async def _priority(fleet: Fleet, args: argparse.Namespace, keys: dict[str, str]) -> dict[str, list[Outcome]]:
     timeout = request_timeout_s(args, args.priority_deadline)
-    interactive = HeaderClient(fleet.urls[0], timeout, connections=2, api_key=keys["interactive"])
-    batch = HeaderClient(fleet.urls[0], timeout, connections=args.batch_clients, api_key=keys["batch"])
+    interactive = KeepAliveClient(fleet.urls[0], timeout, connections=2, api_key=keys["interactive"])
+    batch = KeepAliveClient(fleet.urls[0], timeout, connections=args.batch_clients, api_key=keys["batch"])
     try:
         t0 = time.perf_counter()
         warm = await send(interactive, "warmup", -1, t0)

@@ -49,18 +49,37 @@ def _port_slice() -> range:
     return range(PORT_RANGE[0] + index * width, PORT_RANGE[0] + (index + 1) * width)
 
 
+class _PortSequence:
+    """Walks this runner's port slice in order from a random start, so that one process never hands out
+    a port twice before the whole slice has gone by (ports handed out are often bound only later, when
+    every port of a cluster is known, so "free right now" alone could give two servers the same one)."""
+
+    def __init__(self, ports: range):
+        self._ports = ports
+        self._next = random.randrange(len(ports))
+        self._lock = threading.Lock()
+
+    def take(self) -> int:
+        with self._lock:
+            for _ in range(len(self._ports)):
+                port = self._ports[self._next]
+                self._next = (self._next + 1) % len(self._ports)
+                with socket.socket() as s:
+                    try:
+                        s.bind(("127.0.0.1", port))
+                    except OSError:
+                        continue
+                    return port
+        raise RuntimeError(f"no free port in {self._ports.start}-{self._ports.stop - 1}")
+
+
+_PORTS = _PortSequence(_port_slice())
+
+
 def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now, from this test runner's slice of the port range."""
-    ports = _port_slice()
-    for _ in range(200):
-        port = random.choice(ports)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1} after 200 tries")
+    """A TCP port that is free on 127.0.0.1 right now and not handed out before by this process, from
+    this test runner's slice of the port range."""
+    return _PORTS.take()
 
 
 def write_stage_config(directory: Path, overrides: dict | None = None, name: str = "stage.yaml",

@@ -19,7 +19,7 @@ import pytest
 
 from harness.local_cluster import ROOT, write_stage_config
 from tests.netns_lab import NetworkLab, wait_until
-from tests.pcap_streams import tcp_streams
+from tests.pcap_streams import all_connections_closed, tcp_streams
 
 PROMPT = "a quilted teapot, canary 7f3a1c9e"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -45,7 +45,9 @@ def _one_request_on_the_wire(tmp: Path, model: Path, keys: Path | None) -> tuple
         lab.set_name("glm-router-bus", [router_host.ip])
         tcpdump_log = tmp / "tcpdump.log"
         # -Z root: tcpdump would otherwise drop to its own user and fail to write into our temp folder.
-        tcpdump = worker_host.popen(["tcpdump", "-i", "eth0", "-U", "-Z", "root", "-w", str(pcap), f"tcp port {BUS_PORT}"],
+        # --immediate-mode and a large buffer: a loaded machine must not leave packets unread in the kernel.
+        tcpdump = worker_host.popen(["tcpdump", "-i", "eth0", "-U", "--immediate-mode", "-B", "16384", "-Z", "root",
+                                     "-w", str(pcap), f"tcp port {BUS_PORT}"],
                                     env=env, log_path=tcpdump_log)
         wait_until(lambda: "listening on" in tcpdump_log.read_text(errors="replace") or tcpdump.poll() is not None,
                    30, "tcpdump to start")
@@ -72,6 +74,9 @@ def _one_request_on_the_wire(tmp: Path, model: Path, keys: Path | None) -> tuple
             proc.send_signal(signal.SIGTERM)
         for proc in worker_host.processes[1:] + router_host.processes:
             proc.wait(timeout=60)
+        # tcpdump may lag behind the wire on a busy machine, and stops reading when signalled: wait until
+        # it has written the last packets that crossed (every connection's close) before stopping it.
+        wait_until(lambda: pcap.exists() and all_connections_closed(pcap), 60, f"tcpdump to write every connection's close ({tcpdump_log})")
         tcpdump.send_signal(signal.SIGINT)  # flushes and closes the capture
         tcpdump.wait(timeout=30)
     streams = tcp_streams(pcap)

@@ -35,7 +35,8 @@ from common.sizes import ImageSize
 # 3: WorkerInfo.metrics_address. Models forbid unknown fields, so a v2 router would reject every
 #    v3 heartbeat as "invalid message"; the bump makes the mismatch a clear version error instead.
 # 4: Heartbeat.running_elsewhere/free_slots/job_seconds, SlotOffer and OfferDeclined (slots shared by several routers).
-PROTOCOL_VERSION = 4
+# 5: DiTJob.loras (LoRA adapters and scales), Heartbeat.loaded_loras, WorkerInfo.lora_targets.
+PROTOCOL_VERSION = 5
 # Limits on what a decoder accepts from a peer.
 MAX_FRAMES = 64
 MAX_HEADER_BYTES = 1 << 20
@@ -167,6 +168,27 @@ class ARResult(_StageResult):
     prior_token_image_ids: list[NDArray] = Field(default_factory=list)
 
 
+class LoraSpec(_Model):
+    """One LoRA adapter of a DiT job: its file in the adapter folder (relative to it), the sha256
+    of that file as the router checked it (a worker serves exactly those bytes, and keeps loaded
+    adapters by it), and the scale it is applied at."""
+
+    name: str = Field(max_length=64)
+    path: str = Field(max_length=4096)
+    digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    scale: float = Field(allow_inf_nan=False, ge=-100, le=100)
+
+
+class LoraTarget(_Model):
+    """A linear layer of the DiT that an adapter may target: `module` is its name, or with `#` for
+    a block index, the same layer in `count` blocks (indices 0..count-1)."""
+
+    module: str = Field(max_length=300)
+    in_features: int = Field(ge=1)
+    out_features: int = Field(ge=1)
+    count: int = Field(1, ge=1)
+
+
 class DiTJob(_Model):
     stage: Literal["dit"] = "dit"
     original_prompt: OriginalPrompt
@@ -174,6 +196,8 @@ class DiTJob(_Model):
     prior_token_image_ids: list[NDArray] = Field(default_factory=list)
     # Denoising steps (0-based) after which to send a preview of the predicted clean image.
     preview_steps: list[int] = Field(default_factory=list)
+    # LoRA adapters to apply, in order; none: the base model, exactly.
+    loras: list[LoraSpec] = Field(default_factory=list, max_length=64)
 
 
 class DiTResult(_StageResult):
@@ -203,6 +227,9 @@ class WorkerInfo(_Model):
     # "host:port" where Prometheus can scrape this worker, as the worker announces it (behind NAT or
     # in a pod the bind address is not the reachable one); None when it serves no metrics.
     metrics_address: str | None = Field(default=None, max_length=300)
+    # A DiT worker serving LoRA adapters: the layers they may target (routers check adapters against
+    # them before any worker reads a file); None for AR workers and DiT workers without an adapter folder.
+    lora_targets: list[LoraTarget] | None = Field(default=None, max_length=4096)
 
 
 class Heartbeat(_Model):
@@ -219,6 +246,9 @@ class Heartbeat(_Model):
     # Running average of the worker's recent successful job times, in seconds (None before its first):
     # a router that has not run a job yet estimates waits from it.
     job_seconds: float | None = Field(None, ge=0)
+    # sha256 digests of the LoRA adapters a DiT worker has loaded now (routers send adapter jobs where
+    # their adapters are warm).
+    loaded_loras: list[str] = Field(default_factory=list, max_length=256)
 
 
 class Goodbye(_Model):

@@ -217,6 +217,24 @@ class RouterSettings(_Strict):
     http_max_header_bytes: int = Field(32 * 1024, ge=1024)
 
 
+class LoraSettings(_Strict):
+    """LoRA adapters on the DiT (docs/lora.md). The router and the DiT workers read the same folder
+    (`--lora-dir` overrides `dir` per process: a mount point may differ between machines, so none of
+    this is in the fingerprint; an adapter's bytes travel as its sha256 with every job)."""
+
+    # The adapter folder: `NAME.safetensors`, or `NAME/adapter_model.safetensors` (PEFT) or
+    # `NAME/pytorch_lora_weights.safetensors` (diffusers). None: LoRA is off.
+    dir: str | None = None
+    # Adapters a DiT worker keeps loaded (least recently used out); also the most one request may use.
+    max_loras: int = Field(4, ge=1, le=64)
+    # Refused before any worker reads them: rank above this, files above this size.
+    max_rank: int = Field(128, ge=1)
+    max_file_bytes: int = Field(1 << 30, ge=1024)
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING);
+    # off, they answer 403 and only the folder's own files are served.
+    runtime_updates: bool = False
+
+
 class StageConfig(_Strict):
     """The whole deployment description loaded from `stage_configs/*.yaml`."""
 
@@ -224,6 +242,7 @@ class StageConfig(_Strict):
     limits: Limits = Limits()
     bus: BusConfig = BusConfig()
     router: RouterSettings = RouterSettings()
+    lora: LoraSettings = LoraSettings()
     stage_args: tuple[ARStageConfig, DiTStageConfig]
 
     @property
@@ -237,6 +256,12 @@ class StageConfig(_Strict):
     def stage(self, stage: str) -> ARStageConfig | DiTStageConfig:
         """The section of `stage` ("ar" or "dit", or a protocol Stage)."""
         return self.ar if stage == "ar" else self.dit
+
+    def with_lora_dir(self, lora_dir: str | None) -> "StageConfig":
+        """This config with `lora.dir` replaced by `lora_dir` (the `--lora-dir` flag), when given."""
+        if lora_dir is None:
+            return self
+        return self.model_copy(update={"lora": self.lora.model_copy(update={"dir": lora_dir})})
 
     def fingerprint(self) -> str:
         """A hash of what the router and every worker must agree on: the bus timing and what

@@ -48,6 +48,7 @@ class WorkerMetrics:
             "glm_worker_denoising_steps", "DiT denoising steps completed (one scheduler step: every transformer pass "
             "it takes, both guidance branches)", ["stage", "worker_id"], registry=self.registry).labels(**labels)
         self._labels = labels
+        self.worker_id = worker_id
         for outcome in ("ok", *(code.value for code in ErrorCode)):  # every outcome is a series from the start
             self.jobs.labels(outcome=outcome, **labels)
 

@@ -199,6 +199,7 @@ async def serve_stage_worker(
             host=socket.gethostname(),
             config_fingerprint=options.config.fingerprint(),
             metrics_address=metrics_address,
+            lora_targets=getattr(handler, "lora_targets", None),
         )
         worker = StageWorker(info, options.routers, handler, options.config.bus, metrics, curve=options.curve)
         probes.loaded(lambda: _not_ready_reason(worker))

@@ -454,9 +454,14 @@ class StageWorker:
     def _heartbeat(self, link: _RouterLink) -> Heartbeat:
         return Heartbeat(info=self.info, draining=self.draining or link.retiring,
                          running_elsewhere=sum(1 for job in self.jobs.values() if job.link is not link),
-                         free_slots=self.slots.free_for(link), job_seconds=self.recent_job_s)
+                         free_slots=self.slots.free_for(link), job_seconds=self.recent_job_s,
+                         loaded_loras=self._loaded_loras())
 
     # -- slots shared by several routers --------------------------------------------------------
+
+    def _loaded_loras(self) -> list[str]:
+        loaded = getattr(self.handler, "loaded_loras", None)  # a DiT handler's adapters, by digest
+        return loaded() if loaded is not None else []
 
     def _offer_free_slots(self) -> None:
         """Hold each free slot for the router refused longest ago, and tell it (SlotOffer)."""

@@ -23,11 +23,13 @@ from PIL import Image
 
 from common.cancellable import Cancelled
 from common.image_formats import OutputFormat, encode_image
+from common.lora import LoraError
 from common.protocol import DiTJob, DiTResult
 from common.sizes import Grid, ImageSize
-from common.stage_config import DiTEngineArgs
+from common.stage_config import DiTEngineArgs, LoraSettings
 from common.worker_runtime import JobProgressReporter
 from model_presets import random_init
+from stage_dit.lora import LoraManager, LoraMetrics
 from stage_dit.speedups import BlockCache, compile_repeated_blocks
 
 logger = logging.getLogger(__name__)
@@ -47,9 +49,11 @@ class DiTPipelineRunner:
     """Runs one DiT job at a time on its device; `run` is blocking (call it from a thread)."""
 
     def __init__(self, model_path: str | Path, engine_args: DiTEngineArgs, device: str = "cpu",
-                 on_step: Callable[[], None] | None = None):
+                 on_step: Callable[[], None] | None = None, lora: LoraSettings | None = None,
+                 lora_metrics: LoraMetrics | None = None):
         """`on_step` is called (from the job's thread) after every completed denoising step:
-        the worker counts them in `glm_worker_denoising_steps_total`."""
+        the worker counts them in `glm_worker_denoising_steps_total`. With `lora.dir`, jobs may
+        carry LoRA adapters from that folder (stage_dit/lora.py)."""
         self.device = torch.device(device)
         self.on_step = on_step
         if random_init.random_init_requested(model_path):
@@ -69,6 +73,9 @@ class DiTPipelineRunner:
         # Optional speed-ups, set once here (stage_dit/speedups.py). Caching goes first: it
         # patches the blocks' forward, which the compiled blocks then trace.
         self.cache = BlockCache(self.pipe.transformer, engine_args.cache) if engine_args.cache else None
+        # Before compiling: the manager lists the plain linear layers adapters may target.
+        self.lora = (LoraManager(self.pipe.transformer, lora.dir, lora, lora_metrics)
+                     if lora is not None and lora.dir else None)
         if engine_args.compile is not None:
             compile_repeated_blocks(self.pipe.transformer, engine_args.compile)
 
@@ -78,9 +85,12 @@ class DiTPipelineRunner:
             return None
         return torch.cuda.max_memory_allocated(self.device) / 2**30
 
-    def run(self, job: DiTJob, cancel: threading.Event, progress: JobProgressReporter | None = None) -> DiTResult:
+    def run(self, job: DiTJob, cancel: threading.Event, progress: JobProgressReporter | None = None,
+            log_tag: str = "-") -> DiTResult:
         """Denoise and decode one image. Stops at the next step once `cancel` is set; reports
         steps done and the previews the job asks for to `progress`."""
+        if job.loras and self.lora is None:
+            raise DiTInputError("this DiT worker serves no LoRA adapters (no lora.dir / --lora-dir)")
         op = job.original_prompt
         size = self._checked_size(job)
         prior = upsample_grid(job.prior_token_ids)[None, :].to(self.device)
@@ -101,6 +111,11 @@ class DiTPipelineRunner:
         with self._lock:
             if cancel.is_set():
                 raise Cancelled()
+            if self.lora is not None:
+                try:
+                    self.lora.activate(job.loras, log_tag)
+                except LoraError as exc:
+                    raise DiTInputError(str(exc)) from exc
             generator = torch.Generator(device=self.device).manual_seed(op.seed)
             if self.cache is not None:
                 # One transformer pass per condition image writes the edit's KV cache first.

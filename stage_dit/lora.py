@@ -1,0 +1,138 @@
+"""LoRA adapters on the DiT: a bounded LRU of adapters loaded through diffusers' PEFT integration.
+
+Adapters are kept by the sha256 of their file (the job's `LoraSpec.digest`), so a file replaced
+under the same name is a new adapter, never the old one's weights. Before each job the runner
+calls `activate` under its lock: the job's adapters are loaded if missing (the least recently used
+ones deleted beyond `max_loras`) and set active at the job's scales; a job without adapters turns
+the LoRA layers off, so the transformer computes exactly what it computed before any was loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from common.lora import LoraError, check_targets, inspect_file, target_table
+from common.protocol import LoraSpec, LoraTarget
+from common.stage_config import LoraSettings
+
+logger = logging.getLogger(__name__)
+
+# Seconds to read and inject one adapter: milliseconds on the tiny model, seconds for large ranks.
+LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class LoraMetrics:
+    """The DiT worker's adapter metrics, on the worker's registry."""
+
+    def __init__(self, registry: CollectorRegistry, worker_id: str):
+        labels = {"stage": "dit", "worker_id": worker_id}
+        names = ["stage", "worker_id"]
+        self.loads = Counter("glm_worker_lora_loads", "LoRA adapters loaded, by outcome (ok, failed)",
+                             [*names, "outcome"], registry=registry)
+        self.evictions = Counter("glm_worker_lora_evictions", "LoRA adapters deleted to make room (least recently "
+                                 "used first)", names, registry=registry).labels(**labels)
+        self.load_seconds = Histogram("glm_worker_lora_load_duration_seconds", "Time to read and inject one LoRA "
+                                      "adapter", names, buckets=LOAD_BUCKETS, registry=registry).labels(**labels)
+        self.loaded = Gauge("glm_worker_loras_loaded", "LoRA adapters loaded now", names,
+                            registry=registry).labels(**labels)
+        self._labels = labels
+        for outcome in ("ok", "failed"):
+            self.loads.labels(outcome=outcome, **labels)
+
+    def load_finished(self, outcome: str) -> None:
+        self.loads.labels(outcome=outcome, **self._labels).inc()
+
+
+def linear_layers(transformer: torch.nn.Module) -> list[tuple[str, int, int]]:
+    """(name, in, out) of every plain linear layer of the transformer (what an adapter may target)."""
+    return [(name, module.in_features, module.out_features) for name, module in transformer.named_modules()
+            if type(module) is torch.nn.Linear]
+
+
+class LoraManager:
+    """The adapters loaded on one DiT transformer (call it from the runner's job thread, under its lock)."""
+
+    def __init__(self, transformer: torch.nn.Module, lora_dir: str | Path, settings: LoraSettings,
+                 metrics: LoraMetrics | None = None):
+        self.transformer = transformer
+        self.lora_dir = Path(lora_dir)
+        self.settings = settings
+        self.metrics = metrics
+        # Taken before any adapter wraps a layer: afterwards the layers' names change (`.base_layer`).
+        self.targets: list[LoraTarget] = target_table(linear_layers(transformer))
+        self._loaded: OrderedDict[str, str] = OrderedDict()  # digest -> PEFT adapter name, least recent first
+        self._active = False  # whether the LoRA layers are on
+        # Read by the event loop for heartbeats: replaced, never mutated.
+        self.loaded_digests: tuple[str, ...] = ()
+
+    def activate(self, loras: list[LoraSpec], log_tag: str) -> None:
+        """Make exactly `loras` (at their scales) active; none: the base model. Raises LoraError for
+        an adapter that cannot be served (the job's 400)."""
+        if not loras:
+            if self._active:
+                self.transformer.disable_lora()
+                self._active = False
+            return
+        digests = [spec.digest for spec in loras]
+        if len(set(digests)) != len(digests):
+            raise LoraError("the same adapter file is named twice: give it once, with the sum of the scales")
+        if len(loras) > self.settings.max_loras:
+            raise LoraError(f"{len(loras)} adapters in one request; this worker holds at most "
+                            f"{self.settings.max_loras} (lora.max_loras)")
+        names = [self._ensure_loaded(spec, set(digests), log_tag) for spec in loras]
+        self.transformer.enable_lora()
+        self.transformer.set_adapters(names, [spec.scale for spec in loras])
+        self._active = True
+
+    def _ensure_loaded(self, spec: LoraSpec, keep: set[str], log_tag: str) -> str:
+        name = self._loaded.get(spec.digest)
+        if name is not None:
+            self._loaded.move_to_end(spec.digest)
+            return name
+        settings = self.settings
+        started = time.monotonic()
+        try:
+            lora = inspect_file(self.lora_dir, spec.path, settings.max_rank, settings.max_file_bytes)
+            if lora.digest != spec.digest:
+                raise LoraError(f"adapter {spec.name!r}: {lora.relative} changed since the router checked it "
+                                "(another sha256); send the request again")
+            check_targets(lora, self.targets, spec.name)
+            while len(self._loaded) >= settings.max_loras:
+                self._evict(keep, log_tag)
+            name = f"lora_{spec.digest[:16]}"
+            self.transformer.load_lora_adapter(str(lora.path.parent), weight_name=lora.path.name, prefix=lora.prefix,
+                                               adapter_name=name)
+        except Exception:
+            if self.metrics is not None:
+                self.metrics.load_finished("failed")
+            raise
+        took = time.monotonic() - started
+        self._loaded[spec.digest] = name
+        self.loaded_digests = tuple(self._loaded)
+        if self.metrics is not None:
+            self.metrics.load_finished("ok")
+            self.metrics.load_seconds.observe(took)
+            self.metrics.loaded.set(len(self._loaded))
+        logger.info("[%s] loaded LoRA adapter %r (%s, rank %d, %d modules, sha256 %s) in %.3fs; %d loaded",
+                    log_tag, spec.name, lora.relative, lora.rank, len(lora.modules), spec.digest[:12], took,
+                    len(self._loaded))
+        return name
+
+    def _evict(self, keep: set[str], log_tag: str) -> None:
+        digest = next((d for d in self._loaded if d not in keep), None)
+        if digest is None:  # cannot happen: activate() bounds the job's adapters by max_loras
+            raise LoraError("no adapter can be unloaded to make room")
+        name = self._loaded.pop(digest)
+        self.transformer.delete_adapters(name)
+        self.loaded_digests = tuple(self._loaded)
+        if self.metrics is not None:
+            self.metrics.evictions.inc()
+            self.metrics.loaded.set(len(self._loaded))
+        logger.info("[%s] unloaded LoRA adapter %s (sha256 %s, least recently used) to make room", log_tag, name,
+                    digest[:12])

@@ -172,6 +172,8 @@ def _add_launch(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print the command line of every process it would start (after checking the options and the "
                         "stage config), then exit without starting any")
+    p.add_argument("--lora-dir", metavar="DIR", default=_env_path("GLM_LORA_DIR"),
+                   help="LoRA adapter folder, given to the router and every DiT worker (docs/lora.md) [env GLM_LORA_DIR]")
     p.add_argument("--random-init", action="store_true",
                    help=_RANDOM_INIT_HELP + "; the served model name then ends in -random-init")
     _add_api_keys(p)
@@ -202,12 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--curve-allow-dir", metavar="DIR", default=_env_path("GLM_CURVE_ALLOW_DIR"),
                    help="CurveZMQ: directory of the worker public keys (.key files) allowed on the bus, re-read when it "
                         "changes: adding or removing a key needs no restart [env GLM_CURVE_ALLOW_DIR]; needs --curve-secret-key")
+    r.add_argument("--lora-dir", metavar="DIR", default=_env_path("GLM_LORA_DIR"), help="folder of LoRA adapters for the DiT (NAME.safetensors or NAME/adapter_model.safetensors; docs/lora.md) [env GLM_LORA_DIR]; default: the stage config's lora.dir")
     _add_api_keys(r)
 
     ar = sub.add_parser("ar-worker", help="AR stage worker (prompt + size -> prior token grid)")
     _add_worker(ar)
     dit = sub.add_parser("dit-worker", help="DiT stage worker (prior tokens -> image)")
     _add_worker(dit)
+    dit.add_argument("--lora-dir", metavar="DIR", default=_env_path("GLM_LORA_DIR"), help="folder of LoRA adapters for the DiT (NAME.safetensors or NAME/adapter_model.safetensors; docs/lora.md) [env GLM_LORA_DIR]; default: the stage config's lora.dir")
 
     tiny = sub.add_parser("make-tiny-model", help="build the tiny random-weight GLM-Image (no network)")
     tiny.add_argument("--out", required=True, help="output folder")
@@ -317,9 +321,11 @@ def main(argv: list[str] | None = None) -> None:
     die_with_supervisor()
     configure_logging(args.command)
     try:
-        config = load_stage_config(args.stage_config)
+        config = load_stage_config(args.stage_config).with_lora_dir(getattr(args, "lora_dir", None))
     except StageConfigError as exc:
         sys.exit(f"error: {exc}")
+    if config.lora.dir is not None and not Path(config.lora.dir).is_dir():
+        sys.exit(f"error: the LoRA adapter folder {config.lora.dir} (--lora-dir or lora.dir) is not a folder")
     import uvloop
 
     from common.bus_security import BusSecurityError, RouterCurve, WorkerCurve
@@ -458,6 +464,7 @@ def _launch(args) -> int:
             worker_metrics_port=args.metrics_port,
             shutdown_grace_s=args.shutdown_grace,
             curve_keys=args.curve_keys,
+            lora_dir=args.lora_dir,
             **_launch_api_keys(args),
         )
         deployment = plan_deployment(options)

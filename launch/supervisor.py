@@ -135,6 +135,7 @@ class LaunchOptions:
     api_keys: tuple[str, ...] = ()  # the router's API keys (its environment, not its argv)
     api_key_file: str | None = None  # a key file the router reads (and re-reads when it changes)
     protect_metrics: bool = False  # the router's /metrics needs a key too
+    lora_dir: str | None = None  # the LoRA adapter folder of the router and the DiT workers; None: the stage config's
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,8 @@ def plan_deployment(options: LaunchOptions) -> Deployment:
         router_argv += ("--api-key-file", str(Path(options.api_key_file).absolute()))
     if options.protect_metrics:
         router_argv += ("--protect-metrics",)
+    lora_argv = ("--lora-dir", str(Path(options.lora_dir).absolute())) if options.lora_dir else ()
+    router_argv += lora_argv
     router_env = (("GLM_API_KEY", ",".join(options.api_keys)),) if options.api_keys else ()
     processes = [ProcessSpec("router", "router", router_argv, router_env)]
     index = 0
@@ -203,6 +206,8 @@ def plan_deployment(options: LaunchOptions) -> Deployment:
                          "--curve-secret-key", str(curve_key_file(options.curve_keys, name, fallback=role)))
             if devices:
                 argv += ("--device", devices[i % len(devices)])
+            if role == "dit":
+                argv += lora_argv
             if options.worker_metrics_port is not None:
                 # Scrapable where the HTTP side is reachable, like the supervisor's own metrics.
                 argv += ("--metrics-port", str(options.worker_metrics_port + index), "--metrics-host", options.host)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal, Protocol, Union
 
 from common.image_formats import OutputFormat
+from common.protocol import LoraSpec
 from common.sizes import ImageSize
 from common.stage_config import StageConfig
 from router.core.service_discovery import ScrapeTargetGroup
@@ -53,6 +54,8 @@ class ImageRequest:
     service_tier: ServiceTier = "default"
     tenant: str = ANONYMOUS_TENANT
     tenant_max_images: int | None = None
+    # LoRA adapters on the DiT, checked by the router's LoraRegistry; none: the base model.
+    loras: tuple[LoraSpec, ...] = ()
 
     @property
     def log_tag(self) -> str:
@@ -127,7 +130,7 @@ class ImageBackend(Protocol):
         ...
 
     def models(self) -> list[str]:
-        """Names of the served models."""
+        """Names of the served models (the base model first; LoRA adapters are `loras.adapters()`)."""
         ...
 
     def metrics_targets(self) -> list[ScrapeTargetGroup]:

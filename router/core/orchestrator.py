@@ -42,6 +42,7 @@ from router.core.image_request import (
     PartialImage,
     StageProgress,
 )
+from router.core.lora_registry import LoraRegistry
 from router.core.metrics import RouterMetrics
 from router.core.result_cache import ResultCache, result_key
 from router.core.scheduler import AdmittedImage, Scheduler, StageJob
@@ -114,6 +115,7 @@ class Orchestrator:
         self.model_name = model_name
         self.results = ResultCache(config.router.result_cache_bytes, metrics)
         self._config_fingerprint = config.fingerprint()
+        self.loras = LoraRegistry(config.lora, model_name, targets=self._dit_lora_targets)
         # The tasks running `generate` now, so a shutdown can cancel them before the workers go.
         self._running: set[asyncio.Task] = set()
         # Read at scrape time (on the event loop, which owns this state), so the gauges are exact.
@@ -124,6 +126,10 @@ class Orchestrator:
 
     def live_workers(self) -> dict[str, int]:
         return self.pool.counts()
+
+    def _dit_lora_targets(self):
+        """The layers LoRA adapters may target, as a live DiT worker announced them (None while none has)."""
+        return next((w.info.lora_targets for w in self.pool.live(Stage.DIT) if w.info.lora_targets is not None), None)
 
     def metrics_targets(self) -> list[ScrapeTargetGroup]:
         """Where Prometheus can scrape each registered worker (GET /metrics/targets)."""
@@ -208,7 +214,7 @@ class Orchestrator:
         cache_key = None
         if request.seed is not None and self.results.enabled:  # only an explicit seed can be asked for again
             cache_key = result_key(original, sampling.temperature, sampling.top_p, sampling.top_k, self.model_name,
-                                   self._config_fingerprint)
+                                   self._config_fingerprint, request.loras)
             cached = self.results.get(cache_key)
             if cached is not None:
                 logger.info("[%s] image %d (seed %d, %s) answered from the result cache", request.log_tag, index,
@@ -230,7 +236,8 @@ class Orchestrator:
             dit_started = time.monotonic()
             dit_job = DiTJob(original_prompt=original, prior_token_ids=ar.prior_token_ids,
                              prior_token_image_ids=ar.prior_token_image_ids,
-                             preview_steps=preview_steps(original.num_inference_steps, request.partial_images))
+                             preview_steps=preview_steps(original.num_inference_steps, request.partial_images),
+                             loras=list(request.loras))
             dit, dit_timings = await self._run_stage(run.stage_job(Stage.DIT, dit_job), DiTResult)
             if dit.size != request.size:
                 raise StageFailed(f"DiT stage used size {dit.size} but {request.size} was requested")

@@ -1,7 +1,8 @@
 """Exact-repeat cache of finished images, in the router.
 
 A request that names its seed is deterministic: the same prompt, size, seed,
-steps, guidance, condition images, output encoding, model and stage config give
+steps, guidance, condition images, output encoding, model, LoRA adapters (their
+files' sha256 and scales) and stage config give
 the same bytes. Such an image is kept (bounded by bytes, least recently used
 out) and a repeat is answered from here without touching a worker. Images made
 from a random seed are never looked up: nobody can ask for them again by value.
@@ -13,20 +14,23 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import replace
 
-from common.protocol import OriginalPrompt
+from common.protocol import LoraSpec, OriginalPrompt
 from router.core.image_request import GeneratedImage
 from router.core.metrics import RouterMetrics
 
 
 def result_key(original: OriginalPrompt, ar_temperature: float, ar_top_p: float, ar_top_k: int,
-               model: str, config_fingerprint: str) -> str:
-    """Everything that decides an image's bytes, hashed."""
+               model: str, config_fingerprint: str, loras: tuple[LoraSpec, ...] = ()) -> str:
+    """Everything that decides an image's bytes, hashed. Adapters count by their bytes (digest) and
+    scale, in order; their names do not."""
     digest = hashlib.sha256()
     fields = original.model_dump(mode="python", exclude={"condition_images", "mm_processor_kwargs"})
     digest.update(repr(sorted(fields.items())).encode())
     for image in original.condition_images:
         digest.update(hashlib.sha256(image).digest())
     digest.update(repr((ar_temperature, ar_top_p, ar_top_k, model, config_fingerprint)).encode())
+    if loras:  # a request without adapters keeps the key it always had
+        digest.update(repr([(spec.digest, spec.scale) for spec in loras]).encode())
     return digest.hexdigest()
 
 

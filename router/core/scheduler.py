@@ -125,6 +125,11 @@ class _Ticket:
     no_worker_since: float | None = None
 
 
+def _loras_of(job: StageJob) -> frozenset[str]:
+    """The sha256 digests of a DiT job's LoRA adapters (none for other jobs)."""
+    return frozenset(spec.digest for spec in getattr(job.payload, "loras", ()))
+
+
 class Scheduler:
     """Owns every scheduling decision of one router (see the module docstring).
 
@@ -396,10 +401,10 @@ class Scheduler:
         """Grant free slots to the waiting jobs of `stage`, best first (see `_order`)."""
         line = self._lines[stage]
         while line:
-            worker = self._pick(stage)
+            ticket = min(line, key=self._order(stage))
+            worker = self._pick(stage, _loras_of(ticket.job))
             if worker is None:
                 return
-            ticket = min(line, key=self._order(stage))
             line.remove(ticket)
             ticket.job_id = f"{ticket.job.request.request_id}.{ticket.job.image_index}.{stage.value}.{ticket.attempt}"
             ticket.attempt += 1
@@ -407,6 +412,8 @@ class Scheduler:
             worker.assigned.add(ticket.job_id)
             worker.offered = False
             worker.last_picked = next(self._picks)
+            # The worker loads the job's adapters: later jobs for them go there too (before its next heartbeat says so).
+            worker.loaded_loras |= _loras_of(ticket.job)
             self._tenant_served[stage][ticket.job.request.tenant] = next(self._served)
             ticket.granted.set_result(worker)
 
@@ -422,10 +429,12 @@ class Scheduler:
 
         return key
 
-    def _pick(self, stage: Stage) -> WorkerState | None:
-        """A live worker of the stage with a slot free to this router: one holding an offer for us
-        first, then the least loaded, then the one picked longest ago (so a new replica takes work at
-        once and other routers' jobs, which we cannot see, spread too)."""
+    def _pick(self, stage: Stage, loras: frozenset[str] = frozenset()) -> WorkerState | None:
+        """A live worker of the stage with a slot free to this router: one that has the job's LoRA
+        adapters loaded first (any free worker otherwise: it loads them, so an adapter never waits for
+        one busy worker), then one holding an offer for us, then the least loaded, then the one picked
+        longest ago (so a new replica takes work at once and other routers' jobs, which we cannot see,
+        spread too)."""
         now = self.clock.now()
         candidates = []
         for w in self.pool.live(stage):
@@ -439,8 +448,8 @@ class Scheduler:
                 else:
                     continue
             candidates.append(w)
-        return min(candidates, key=lambda w: (not w.offered, w.load, len(w.assigned), w.last_picked, w.info.worker_id),
-                   default=None)
+        return min(candidates, key=lambda w: (not loras <= w.loaded_loras, not w.offered, w.load, len(w.assigned),
+                                              w.last_picked, w.info.worker_id), default=None)
 
     def _free_slot(self, worker: WorkerState, job_id: str) -> None:
         worker.assigned.discard(job_id)

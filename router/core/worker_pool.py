@@ -32,6 +32,9 @@ class WorkerState:
     running_elsewhere: int = 0
     reported_free: int = 0
     job_seconds: float | None = None  # the worker's running average of job times
+    # sha256 digests of the LoRA adapters the worker has loaded (its heartbeat; the Scheduler adds the
+    # adapters of each job it sends, which the worker loads).
+    loaded_loras: frozenset[str] = frozenset()
     # Scheduler: jobs this router has given the worker and not yet heard back about.
     assigned: set[str] = field(default_factory=set)
     # Scheduler: when the worker last refused a job for capacity (it then queues this router for a
@@ -70,6 +73,7 @@ class WorkerPool:
         state.info, state.last_seen, state.draining = info, now, heartbeat.draining
         state.running_elsewhere, state.reported_free = heartbeat.running_elsewhere, heartbeat.free_slots
         state.job_seconds = heartbeat.job_seconds
+        state.loaded_loras = frozenset(heartbeat.loaded_loras)
         return new
 
     def remove(self, worker_id: str, reason: LossReason) -> WorkerState | None:

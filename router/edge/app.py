@@ -31,7 +31,13 @@ from router.core.image_request import ImageBackend
 from router.edge.openapi import install_openapi
 from router.edge.playground import add_playground_routes
 from router.edge.request_context import RequestContextMiddleware
-from router.edge.schemas import ChatCompletionRequest, ImageGenerationRequest, resolve_size
+from router.edge.schemas import (
+    ChatCompletionRequest,
+    ImageGenerationRequest,
+    LoadLoraAdapterRequest,
+    UnloadLoraAdapterRequest,
+    resolve_size,
+)
 
 
 def create_app(backend: ImageBackend, registry: CollectorRegistry, api_keys: ApiKeyConfig | None = None,
@@ -60,5 +66,5 @@ def create_app(backend: ImageBackend, registry: CollectorRegistry, api_keys: Api
     app.add_middleware(RequestContextMiddleware, metrics=http_metrics, routes=lambda: app.routes)
     add_routes(app, ImageAPI(backend, registry, http_metrics))
     add_playground_routes(app, backend)  # the web playground at GET / (router/edge/playground.py)
-    install_openapi(app, [ImageGenerationRequest, ChatCompletionRequest])
+    install_openapi(app, [ImageGenerationRequest, ChatCompletionRequest, LoadLoraAdapterRequest, UnloadLoraAdapterRequest])
     return app

@@ -3,6 +3,7 @@
   POST /v1/images/generations  JSON, text-to-image
   POST /v1/images/edits        multipart/form-data, image-to-image
   POST /v1/chat/completions    JSON, text- or image-to-image through the chat API
+  POST /v1/load_lora_adapter, /v1/unload_lora_adapter   LoRA adapters at runtime (vLLM's; docs/lora.md)
   GET  /v1/models, /health, /ready, /metrics
   GET  /metrics/targets        Prometheus HTTP service discovery of the workers' metrics
 
@@ -32,6 +33,7 @@ from router.edge.disconnect import ClientDisconnected, run_until_disconnect
 from router.core.errors import InvalidRequest, NotFound
 from router.edge.http_body import max_body_bytes, multipart_form, read_json_body, split_edit_form
 from router.core.image_request import ANONYMOUS_TENANT, GeneratedImage, ImageBackend, ImageRequest
+from router.core.lora_registry import LoraChoice, LoraRegistry
 from router.edge.images import ConditionImage, check_upload_size, decode_data_url, load_condition_image
 from router.edge.openapi import STREAMING_RESPONSES, json_body, multipart_body
 from router.edge.request_context import STATUS_CLIENT_CLOSED, client_request_id, log_tag, request_id
@@ -52,8 +54,10 @@ from router.edge.schemas import (
     ImageGenerationRequest,
     ImageOptions,
     ImagesResponse,
+    LoadLoraAdapterRequest,
     ModelCard,
     ModelList,
+    UnloadLoraAdapterRequest,
     parse_body,
     resolve_service_tier,
     resolve_size,
@@ -73,6 +77,9 @@ class ImageAPI:
         self.http_metrics = http_metrics
         self.limits = backend.config.limits
         self.started = int(time.time())
+        # The orchestrator's adapters; a backend without any (an edge test's) serves none.
+        self.loras: LoraRegistry = getattr(backend, "loras", None) or LoraRegistry(
+            backend.config.lora.model_copy(update={"dir": None}), "")
 
     # -- image endpoints ---------------------------------------------------------
 
@@ -80,9 +87,9 @@ class ImageAPI:
         """Create images from a prompt (OpenAI `images.generate`)."""
         data = await read_json_body(request, max_body_bytes(self.limits, base64_images=False))
         body = parse_body(ImageGenerationRequest, data, self.limits)
-        self._check_model(body.model)
+        _, adapter = self._check_model(body.model)
         size = resolve_size(body.size, self.limits)
-        image_request = self._image_request(request, body, body.prompt, size)
+        image_request = self._image_request(request, body, body.prompt, size, adapter=adapter)
         if body.stream:
             return await self._stream(request, image_request, image_event_renderer(image_request, "image_generation"))
         return await self._serve(request, image_request, images_response)
@@ -92,7 +99,7 @@ class ImageAPI:
         async with multipart_form(request, self.limits) as form:
             uploads, fields = split_edit_form(form)
             body = parse_body(ImageEditForm, fields, self.limits)
-            self._check_model(body.model)
+            _, adapter = self._check_model(body.model)
             if not uploads:
                 raise InvalidRequest("field 'image' is required: upload one or more images as image or image[]")
             self._check_image_count(len(uploads))
@@ -104,7 +111,7 @@ class ImageAPI:
                     check_upload_size(upload.size, self.limits, what)
                 conditions.append(await self._condition_image(await upload.read(), what))
         size = resolve_size(body.size, self.limits, auto_size=conditions[0].size)
-        image_request = self._image_request(request, body, body.prompt, size, conditions)
+        image_request = self._image_request(request, body, body.prompt, size, conditions, adapter=adapter)
         if body.stream:
             return await self._stream(request, image_request, image_event_renderer(image_request, "image_edit"))
         return await self._serve(request, image_request, images_response)
@@ -113,7 +120,7 @@ class ImageAPI:
         """Text- or image-to-image through the chat API; each image comes back as a data URL."""
         data = await read_json_body(request, max_body_bytes(self.limits, base64_images=True))
         body = parse_body(ChatCompletionRequest, data, self.limits)
-        model = self._check_model(body.model)
+        model, adapter = self._check_model(body.model)
         prompt = body.prompt_text()
         if not prompt:
             raise InvalidRequest("the user messages contain no text: GLM-Image needs a text prompt")
@@ -129,7 +136,7 @@ class ImageAPI:
             raw = await run_in_threadpool(decode_data_url, url, self.limits, what)
             conditions.append(await self._condition_image(raw, what))
         size = resolve_size(requested_size, self.limits, auto_size=conditions[0].size if conditions else None)
-        image_request = self._image_request(request, body, prompt, size, conditions)
+        image_request = self._image_request(request, body, prompt, size, conditions, adapter=adapter)
         if body.stream:
             return await self._stream(request, image_request, chat_chunk_renderer(model, image_request.service_tier), done_marker=CHAT_DONE)
         return await self._serve(
@@ -138,8 +145,29 @@ class ImageAPI:
     # -- other endpoints ---------------------------------------------------------
 
     async def list_models(self) -> ModelList:
-        """The served models (OpenAI list shape)."""
-        return ModelList(data=[ModelCard(id=name, created=self.started) for name in self.backend.models()])
+        """The served models (OpenAI list shape): the base model, then each LoRA adapter with the base
+        model as its `parent` (vLLM's convention)."""
+        models = self.backend.models()
+        cards = [ModelCard(id=name, created=self.started, root=name) for name in models]
+        base = models[0] if models else None
+        cards += [ModelCard(id=name, created=self.started, root=path, parent=base)
+                  for name, path in sorted(self.loras.adapters().items())]
+        return ModelList(data=cards)
+
+    async def load_lora_adapter(self, request: Request) -> Response:
+        """Serve a LoRA adapter file of the adapter folder under a name (vLLM's endpoint and body)."""
+        data = await read_json_body(request, 64 * 1024)
+        body = parse_body(LoadLoraAdapterRequest, data, self.limits)
+        lora = self.loras.load(body.lora_name, body.lora_path, log_tag(request), replace=body.load_inplace)
+        return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully (rank {lora.rank}, "
+                        f"{len(lora.modules)} modules, sha256 {lora.digest[:12]}).", media_type="text/plain")
+
+    async def unload_lora_adapter(self, request: Request) -> Response:
+        """Stop serving a LoRA adapter (vLLM's endpoint and body)."""
+        data = await read_json_body(request, 64 * 1024)
+        body = parse_body(UnloadLoraAdapterRequest, data, self.limits)
+        self.loras.unload(body.lora_name, log_tag(request))
+        return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.", media_type="text/plain")
 
     async def health(self) -> dict[str, str]:
         """200 while the process is alive."""
@@ -170,8 +198,12 @@ class ImageAPI:
     # -- the shared path of every image endpoint -----------------------------------
 
     def _image_request(self, request: Request, body: ImageOptions, prompt: str, size: ImageSize,
-                       conditions: list[ConditionImage] | None = None) -> ImageRequest:
+                       conditions: list[ConditionImage] | None = None, adapter: str | None = None) -> ImageRequest:
         streaming = body.stream if isinstance(body, (ImageGenerationRequest, ImageEditForm)) else False
+        # The adapter `model` names (at scale 1, unless `loras` gives it a scale), then `loras`, in order.
+        choices = [LoraChoice(lora.name, lora.scale) for lora in body.loras or []]
+        if adapter is not None and adapter not in {choice.name for choice in choices}:
+            choices.insert(0, LoraChoice(adapter))
         # Who asks: the API key's policy (router/edge/auth.py); without keys, everyone is one tenant.
         policy = key_policy(request)
         return ImageRequest(
@@ -185,13 +217,14 @@ class ImageAPI:
             progress=body.stream_progress if streaming else False,
             service_tier=resolve_service_tier(body.service_tier, policy.tier if policy else None),
             tenant=policy.name if policy else ANONYMOUS_TENANT,
-            tenant_max_images=policy.max_images if policy else None)
+            tenant_max_images=policy.max_images if policy else None,
+            loras=self.loras.resolve(choices))
 
     async def _serve(self, request: Request, image_request: ImageRequest, render: RenderImages) -> Response:
         """Generate the images, cancelling the work if the client leaves, and render them."""
-        logger.info("[%s] %s n=%d seed=%s condition_images=%d tier=%s tenant=%s", image_request.log_tag,
+        logger.info("[%s] %s n=%d seed=%s condition_images=%d tier=%s tenant=%s%s", image_request.log_tag,
                     image_request.size, image_request.n, image_request.seed, len(image_request.condition_images),
-                    image_request.service_tier, image_request.tenant)
+                    image_request.service_tier, image_request.tenant, _describe_loras(image_request))
         try:
             images = await run_until_disconnect(request, self.backend.generate(image_request))
         except ClientDisconnected:
@@ -202,20 +235,25 @@ class ImageAPI:
     async def _stream(self, request: Request, image_request: ImageRequest, render: RenderEvent,
                       done_marker: str | None = None) -> Response:
         """Answer with an event stream; refusals before admission keep their HTTP status."""
-        logger.info("[%s] %s n=%d seed=%s condition_images=%d tier=%s tenant=%s, streamed", image_request.log_tag,
+        logger.info("[%s] %s n=%d seed=%s condition_images=%d tier=%s tenant=%s%s, streamed", image_request.log_tag,
                     image_request.size, image_request.n, image_request.seed, len(image_request.condition_images),
-                    image_request.service_tier, image_request.tenant)
+                    image_request.service_tier, image_request.tenant, _describe_loras(image_request))
         generation = await Generation.start(self.backend, image_request)
         return EventStreamResponse(generation, render, log_tag(request), self.http_metrics, request.url.path,
                                    done_marker)
 
-    def _check_model(self, model: str | None) -> str:
+    def _check_model(self, model: str | None) -> tuple[str, str | None]:
+        """The model to name in responses, and the LoRA adapter `model` selects (None: the base model)."""
         served = self.backend.models()
         if model is None:
-            return served[0] if served else "glm-image"
-        if model not in served:
-            raise NotFound(f"model {model!r} is not served here; served models: {', '.join(served) or 'none'}")
-        return model
+            return (served[0] if served else "glm-image"), None
+        if model in served:
+            return model, None
+        adapters = self.loras.adapters()
+        if model in adapters:
+            return model, model
+        raise NotFound(f"model {model!r} is not served here; served models: {', '.join(served) or 'none'}"
+                       + (f"; LoRA adapters: {', '.join(sorted(adapters))}" if adapters else ""))
 
     async def _condition_image(self, raw: bytes, what: str) -> ConditionImage:
         # Decoding and LANCZOS resizing take up to ~1 s for big images: keep them off the event loop.
@@ -227,6 +265,10 @@ class ImageAPI:
                 raise InvalidRequest("image-to-image is disabled on this server (max_condition_images is 0)")
             raise InvalidRequest(
                 f"{count} condition images were sent; at most {self.limits.max_condition_images} are accepted")
+
+
+def _describe_loras(image_request: ImageRequest) -> str:
+    return "".join(f" lora={spec.name}@{spec.scale:g}" for spec in image_request.loras)
 
 
 def add_routes(app: FastAPI, api: ImageAPI) -> None:
@@ -241,6 +283,13 @@ def add_routes(app: FastAPI, api: ImageAPI) -> None:
                       response_model=ChatCompletionResponse, responses=STREAMING_RESPONSES,
                       openapi_extra=json_body(ChatCompletionRequest), summary="Images through the chat API")
     app.add_api_route("/v1/models", api.list_models, methods=["GET"], response_model=ModelList)
+    lora_responses = {200: {"description": "Done; a line of text says what was done (vLLM's answer)",
+                            "content": {"text/plain": {"schema": {"type": "string"}}}},
+                      403: {"description": "Runtime adapter updates are disabled (lora.runtime_updates)"}}
+    app.add_api_route("/v1/load_lora_adapter", api.load_lora_adapter, methods=["POST"], responses=lora_responses,
+                      openapi_extra=json_body(LoadLoraAdapterRequest), summary="Load a LoRA adapter")
+    app.add_api_route("/v1/unload_lora_adapter", api.unload_lora_adapter, methods=["POST"], responses=lora_responses,
+                      openapi_extra=json_body(UnloadLoraAdapterRequest), summary="Unload a LoRA adapter")
     app.add_api_route("/health", api.health, methods=["GET"])
     app.add_api_route("/ready", api.ready, methods=["GET"],
                       responses={503: {"description": "A stage has no live worker; the body gives the counts"}})

@@ -14,6 +14,7 @@ the bug class this prevents).
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, TypeVar, Union
 
 from pydantic import (
@@ -78,6 +79,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class LoraRequest(_Strict):
+    """One LoRA adapter of a request (docs/lora.md)."""
+
+    name: str = Field(..., min_length=1, max_length=64, description="An adapter listed by /v1/models.")
+    scale: float = Field(1.0, ge=-10, le=10, allow_inf_nan=False,
+                         description="How strongly the adapter applies (1: as trained, 0: not at all).")
+
+
 class ImageOptions(_Strict):
     """Generation options shared by all endpoints (GLM-Image extras on top of OpenAI's `n`)."""
 
@@ -104,6 +113,23 @@ class ImageOptions(_Strict):
     service_tier: RequestedTier | None = Field(
         None, description='OpenAI\'s processing tier: "priority" is scheduled before "default", "default" before '
                           '"flex". "auto" (or none): the API key\'s default tier, else "default" (docs/scheduling.md).')
+    loras: list[LoraRequest] | None = Field(
+        None, max_length=16,
+        description='LoRA adapters on the DiT, applied together: [{"name": "watercolor", "scale": 0.8}, ...] '
+                    "(a JSON text in a multipart form). `model` may name one adapter instead (docs/lora.md).")
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_from_form(cls, value: Any) -> Any:
+        # A multipart form field is text: the same list, as JSON.
+        if isinstance(value, str):
+            if len(value) > 16384:
+                raise PydanticCustomError("loras_text", "is too long")
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError:
+                raise PydanticCustomError("loras_json", 'must be a JSON list like [{"name": "NAME", "scale": 0.8}]')
+        return value
 
     @field_validator("service_tier", mode="before")
     @classmethod
@@ -396,6 +422,25 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "glm-image-serve"
+    # vLLM's fields: a LoRA adapter's `root` is its file (in the adapter folder), its `parent` the base model.
+    root: str | None = None
+    parent: str | None = None
+
+
+class LoadLoraAdapterRequest(_Strict):
+    """Body of `POST /v1/load_lora_adapter` (vLLM's)."""
+
+    lora_name: str = Field(..., description="The name requests use (`model` or `loras[].name`).")
+    lora_path: str = Field(..., description="A .safetensors file (or a folder holding adapter_model.safetensors) "
+                                            "inside the server's adapter folder, relative to it or absolute.")
+    load_inplace: bool = Field(False, description="Replace an adapter already loaded under this name.")
+
+
+class UnloadLoraAdapterRequest(_Strict):
+    """Body of `POST /v1/unload_lora_adapter` (vLLM's)."""
+
+    lora_name: str
+    lora_int_id: int | None = Field(None, description="Accepted for vLLM compatibility; unused.")
 
 
 class ModelList(BaseModel):

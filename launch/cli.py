@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> None:
         config = load_stage_config(args.stage_config).with_lora_dir(getattr(args, "lora_dir", None))
     except StageConfigError as exc:
         sys.exit(f"error: {exc}")
-    if config.lora.dir is not None and not Path(config.lora.dir).is_dir():
+    # The AR stage never reads adapters: only the router and the DiT workers need the folder.
+    if args.command in ("router", "dit-worker") and config.lora.dir is not None and not Path(config.lora.dir).is_dir():
         sys.exit(f"error: the LoRA adapter folder {config.lora.dir} (--lora-dir or lora.dir) is not a folder")
     import uvloop
 

@@ -35,7 +35,7 @@ from router.edge.http_body import max_body_bytes, multipart_form, read_json_body
 from router.core.image_request import ANONYMOUS_TENANT, GeneratedImage, ImageBackend, ImageRequest
 from router.core.lora_registry import LoraChoice, LoraRegistry
 from router.edge.images import ConditionImage, check_upload_size, decode_data_url, load_condition_image
-from router.edge.openapi import STREAMING_RESPONSES, json_body, multipart_body
+from router.edge.openapi import LORA_RESPONSES, STREAMING_RESPONSES, json_body, multipart_body
 from router.edge.request_context import STATUS_CLIENT_CLOSED, client_request_id, log_tag, request_id
 from router.edge.http_metrics import HttpMetrics
 from router.edge.responses import chat_completion_response, images_response
@@ -283,12 +283,9 @@ def add_routes(app: FastAPI, api: ImageAPI) -> None:
                       response_model=ChatCompletionResponse, responses=STREAMING_RESPONSES,
                       openapi_extra=json_body(ChatCompletionRequest), summary="Images through the chat API")
     app.add_api_route("/v1/models", api.list_models, methods=["GET"], response_model=ModelList)
-    lora_responses = {200: {"description": "Done; a line of text says what was done (vLLM's answer)",
-                            "content": {"text/plain": {"schema": {"type": "string"}}}},
-                      403: {"description": "Runtime adapter updates are disabled (lora.runtime_updates)"}}
-    app.add_api_route("/v1/load_lora_adapter", api.load_lora_adapter, methods=["POST"], responses=lora_responses,
+    app.add_api_route("/v1/load_lora_adapter", api.load_lora_adapter, methods=["POST"], responses=LORA_RESPONSES,
                       openapi_extra=json_body(LoadLoraAdapterRequest), summary="Load a LoRA adapter")
-    app.add_api_route("/v1/unload_lora_adapter", api.unload_lora_adapter, methods=["POST"], responses=lora_responses,
+    app.add_api_route("/v1/unload_lora_adapter", api.unload_lora_adapter, methods=["POST"], responses=LORA_RESPONSES,
                       openapi_extra=json_body(UnloadLoraAdapterRequest), summary="Unload a LoRA adapter")
     app.add_api_route("/health", api.health, methods=["GET"])
     app.add_api_route("/ready", api.ready, methods=["GET"],

@@ -21,6 +21,14 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
                        (502, "A stage failed"), (503, "No live workers"), (504, "Deadline exceeded")]
 }
 
+# vLLM's LoRA endpoints answer with a line of text.
+LORA_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **{code: ERROR_RESPONSES[code] for code in (400, 401, 404, 408, 413, 415, 431)},
+    200: {"description": "Done; a line of text says what was done (vLLM's answer)",
+          "content": {"text/plain": {"schema": {"type": "string"}}}},
+    403: {"model": ErrorResponse, "description": "Runtime adapter updates are disabled (lora.runtime_updates: false)"},
+}
+
 
 # Image endpoints answer with JSON, or with server-sent events when the body says `stream: true`.
 STREAMING_RESPONSES: dict[int | str, dict[str, Any]] = {

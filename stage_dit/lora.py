@@ -5,6 +5,15 @@ under the same name is a new adapter, never the old one's weights. Before each j
 calls `activate` under its lock: the job's adapters are loaded if missing (the least recently used
 ones deleted beyond `max_loras`) and set active at the job's scales; a job without adapters turns
 the LoRA layers off, so the transformer computes exactly what it computed before any was loaded.
+
+A compiled DiT (`compile` set) would recompile on every change of adapters, scales or on/off (and
+fall back to eager past dynamo's recompile limit), so there the manager keeps `max_loras` fixed
+slots instead: blank adapters (zero weights) of rank `max_rank` on every linear layer, all active,
+made before the blocks are compiled. Loading an adapter hot-swaps its weights into a slot (PEFT's
+hotswap: zero-padded to the slot's rank, layers it does not adapt zeroed) and a job sets each
+slot's scale in place (0 for slots it does not use, all 0 for a base job): the compiled graphs see
+the same modules and tensors every time and never recompile. The cost: every linear layer also runs
+`max_loras` rank-`max_rank` products per pass, adapters or not.
 """
 
 from __future__ import annotations
@@ -59,23 +68,69 @@ class LoraManager:
     """The adapters loaded on one DiT transformer (call it from the runner's job thread, under its lock)."""
 
     def __init__(self, transformer: torch.nn.Module, lora_dir: str | Path, settings: LoraSettings,
-                 metrics: LoraMetrics | None = None):
+                 metrics: LoraMetrics | None = None, compiled: bool = False):
+        """`compiled`: the transformer's blocks are compiled after this (the slots of the module
+        docstring); call before compiling."""
         self.transformer = transformer
         self.lora_dir = Path(lora_dir)
         self.settings = settings
         self.metrics = metrics
         # Taken before any adapter wraps a layer: afterwards the layers' names change (`.base_layer`).
-        self.targets: list[LoraTarget] = target_table(linear_layers(transformer))
+        linears = linear_layers(transformer)
+        self.targets: list[LoraTarget] = target_table(linears)
         self._loaded: OrderedDict[str, str] = OrderedDict()  # digest -> PEFT adapter name, least recent first
         self._active = False  # whether the LoRA layers are on
         # Read by the event loop for heartbeats: replaced, never mutated.
         self.loaded_digests: tuple[str, ...] = ()
+        self._slots: list[str] = []
+        if compiled:
+            self._make_slots(linears)
+
+    @property
+    def hotswap(self) -> bool:
+        return bool(self._slots)
+
+    def _make_slots(self, linears: list[tuple[str, int, int]]) -> None:
+        from peft.tuners.lora.layer import LoraLayer
+        from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+        rank = self.settings.max_rank
+        weight = next(self.transformer.parameters())
+        blank = {}
+        for name, fan_in, fan_out in linears:
+            blank[f"{name}.lora_A.weight"] = torch.zeros(rank, fan_in, dtype=weight.dtype, device=weight.device)
+            blank[f"{name}.lora_B.weight"] = torch.zeros(fan_out, rank, dtype=weight.dtype, device=weight.device)
+        for i in range(self.settings.max_loras):
+            slot = f"lora_slot{i}"
+            self.transformer.load_lora_adapter(dict(blank), prefix=None, adapter_name=slot)
+            self._slots.append(slot)
+        self._layers = [m for m in self.transformer.modules() if isinstance(m, LoraLayer)]
+        for layer in self._layers:
+            layer.set_adapter(self._slots)  # all slots active, always: a job changes only their scales
+        # Scalings become tensors, changed in place from now on (a new float would be a new guard).
+        prepare_model_for_compiled_hotswap(self.transformer, target_rank=rank, check_compiled="error")
+        self._unit_scaling = {slot: self._scalings(slot) for slot in self._slots}
+        self._set_scales({})
+        logger.info("LoRA hot swap for the compiled DiT: %d slots of rank %d on %d linear layers",
+                    len(self._slots), rank, len(self._layers))
+
+    def _scalings(self, slot: str) -> list[float]:
+        return [float(layer.scaling[slot]) for layer in self._layers]
+
+    def _set_scales(self, scales: dict[str, float]) -> None:
+        with torch.no_grad():
+            for slot in self._slots:
+                scale = scales.get(slot, 0.0)
+                for layer, unit in zip(self._layers, self._unit_scaling[slot]):
+                    layer.scaling[slot].fill_(unit * scale)
 
     def activate(self, loras: list[LoraSpec], log_tag: str) -> None:
         """Make exactly `loras` (at their scales) active; none: the base model. Raises LoraError for
         an adapter that cannot be served (the job's 400)."""
         if not loras:
-            if self._active:
+            if self.hotswap:
+                self._set_scales({})
+            elif self._active:
                 self.transformer.disable_lora()
                 self._active = False
             return
@@ -86,6 +141,9 @@ class LoraManager:
             raise LoraError(f"{len(loras)} adapters in one request; this worker holds at most "
                             f"{self.settings.max_loras} (lora.max_loras)")
         names = [self._ensure_loaded(spec, set(digests), log_tag) for spec in loras]
+        if self.hotswap:
+            self._set_scales({name: spec.scale for name, spec in zip(names, loras)})
+            return
         self.transformer.enable_lora()
         self.transformer.set_adapters(names, [spec.scale for spec in loras])
         self._active = True
@@ -105,9 +163,16 @@ class LoraManager:
             check_targets(lora, self.targets, spec.name)
             while len(self._loaded) >= settings.max_loras:
                 self._evict(keep, log_tag)
-            name = f"lora_{spec.digest[:16]}"
-            self.transformer.load_lora_adapter(str(lora.path.parent), weight_name=lora.path.name, prefix=lora.prefix,
-                                               adapter_name=name)
+            if self.hotswap:
+                name = next(slot for slot in self._slots if slot not in self._loaded.values())
+                # The slot's weights are replaced in place; activate() then sets every slot's scale.
+                self.transformer.load_lora_adapter(str(lora.path.parent), weight_name=lora.path.name,
+                                                   prefix=lora.prefix, adapter_name=name, hotswap=True)
+                self._unit_scaling[name] = self._scalings(name)
+            else:
+                name = f"lora_{spec.digest[:16]}"
+                self.transformer.load_lora_adapter(str(lora.path.parent), weight_name=lora.path.name,
+                                                   prefix=lora.prefix, adapter_name=name)
         except Exception:
             if self.metrics is not None:
                 self.metrics.load_finished("failed")
@@ -129,7 +194,8 @@ class LoraManager:
         if digest is None:  # cannot happen: activate() bounds the job's adapters by max_loras
             raise LoraError("no adapter can be unloaded to make room")
         name = self._loaded.pop(digest)
-        self.transformer.delete_adapters(name)
+        if not self.hotswap:  # a slot is overwritten by the next swap instead
+            self.transformer.delete_adapters(name)
         self.loaded_digests = tuple(self._loaded)
         if self.metrics is not None:
             self.metrics.evictions.inc()

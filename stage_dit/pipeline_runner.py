@@ -74,7 +74,8 @@ class DiTPipelineRunner:
         # patches the blocks' forward, which the compiled blocks then trace.
         self.cache = BlockCache(self.pipe.transformer, engine_args.cache) if engine_args.cache else None
         # Before compiling: the manager lists the plain linear layers adapters may target.
-        self.lora = (LoraManager(self.pipe.transformer, lora.dir, lora, lora_metrics)
+        self.lora = (LoraManager(self.pipe.transformer, lora.dir, lora, lora_metrics,
+                                 compiled=engine_args.compile is not None)
                      if lora is not None and lora.dir else None)
         if engine_args.compile is not None:
             compile_repeated_blocks(self.pipe.transformer, engine_args.compile)

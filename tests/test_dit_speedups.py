@@ -27,8 +27,11 @@ import pytest
 from torch._dynamo.utils import counters
 
 from bench.dit_speedups import cache_job_stats, deep_tiny_model, make_job, max_abs_diff, psnr
+from common.lora import inspect_file
+from common.protocol import LoraSpec
 from common.sizes import ImageSize
-from common.stage_config import BlockCacheSettings, CompileSettings, DiTEngineArgs, load_stage_config
+from common.stage_config import BlockCacheSettings, CompileSettings, DiTEngineArgs, LoraSettings, load_stage_config
+from model_presets.tiny_lora import LoraRecipe, make_loras
 from stage_dit.pipeline_runner import DiTPipelineRunner
 from tests.helpers import noise_png
 
@@ -149,6 +152,41 @@ def test_regional_compile_equals_eager_and_compiles_once_per_shape(eager, deep_m
     assert again == first
     assert max_abs_diff(first, reference) <= 2
     assert psnr(first, reference) >= 40.0
+
+
+def test_lora_hot_swap_on_the_compiled_dit_recompiles_nothing(eager, deep_model, tmp_path):
+    """With `compile` set, LoRA adapters are hot-swapped into fixed slots (stage_dit/lora.py): after
+    the first job no change of adapters, scales, base/adapter or an eviction compiles a graph, the
+    images equal the eager DiT with the same adapters within the compile tolerance, and a base job
+    equals a DiT that serves no adapters."""
+    folder = tmp_path / "loras"
+    make_loras(deep_model, [LoraRecipe(folder / "a.safetensors", rank=4, seed=1),
+                            LoraRecipe(folder / "b.safetensors", rank=2, seed=2, targets=("to_q", "ff.net.2")),
+                            LoraRecipe(folder / "c.safetensors", rank=8, seed=3, targets=("to_v", "proj_out"))])
+    settings = LoraSettings(dir=str(folder), max_loras=2, max_rank=8)
+    compiled = DiTPipelineRunner(deep_model, DiTEngineArgs(dtype="float32", compile={"backend": "aot_eager"}),
+                                 lora=settings)
+    reference = DiTPipelineRunner(deep_model, DiTEngineArgs(dtype="float32"), lora=settings)
+    assert compiled.lora.hotswap and not reference.lora.hotswap
+
+    def spec(name: str, scale: float) -> LoraSpec:
+        digest = inspect_file(folder, f"{name}.safetensors", 8, 1 << 20).digest
+        return LoraSpec(name=name, path=f"{name}.safetensors", digest=digest, scale=scale)
+
+    def job(*loras: LoraSpec):
+        return make_job(SIZE, 2, codebook=128).model_copy(update={"loras": list(loras)})
+
+    base = _run(compiled, job())  # the first job compiles
+    assert base == _run(eager, job())
+    before = counters["stats"]["unique_graphs"]
+    a, b, c = spec("a", 0.8), spec("b", 0.5), spec("c", 1.0)
+    # c needs a slot while a and b hold both: the least recently used is swapped out.
+    for loras in ([a], [], [b], [a, b], [a.model_copy(update={"scale": -0.3})], [c], [b, c], []):
+        image = _run(compiled, job(*loras))
+        assert max_abs_diff(image, _run(reference, job(*loras))) <= 2, loras
+        assert (image == base) == (not loras)
+    assert counters["stats"]["unique_graphs"] == before, "a swap recompiled"
+    assert compiled.lora.metrics is None and len(compiled.lora.loaded_digests) == 2
 
 
 def test_speedups_are_off_by_default_and_typed():

@@ -190,10 +190,37 @@ def parse_modules(name: str, header: dict, max_rank: int) -> tuple[str | None, d
     return (prefix[:-1] or None), modules
 
 
+def check_peft_config(adapter_file: Path) -> None:
+    """A PEFT folder's adapter_config.json (beside adapter_model.safetensors) is not applied when
+    the adapter is loaded (diffusers takes alpha = rank): refuse what it would change."""
+    config_path = adapter_file.parent / "adapter_config.json"
+    if adapter_file.name != "adapter_model.safetensors" or not config_path.is_file():
+        return
+    if config_path.stat().st_size > 1 << 20:
+        raise LoraError(f"{config_path.name} of {adapter_file.parent.name} is larger than 1 MiB")
+    try:
+        config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LoraError(f"{config_path.name} of {adapter_file.parent.name} is not JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise LoraError(f"{config_path.name} of {adapter_file.parent.name} is not a JSON object")
+    unsupported = [key for key in ("use_dora", "use_rslora", "alpha_pattern", "rank_pattern", "lora_bias")
+                   if config.get(key)]
+    if config.get("peft_type", "LORA") != "LORA":
+        unsupported.append(f"peft_type {config['peft_type']}")
+    if config.get("lora_alpha", config.get("r")) != config.get("r"):
+        unsupported.append(f"lora_alpha {config.get('lora_alpha')} != r {config.get('r')}")
+    if unsupported:
+        raise LoraError(f"adapter {adapter_file.parent.name}: its adapter_config.json sets {', '.join(map(str, unsupported))}, "
+                        "which this server cannot apply (it serves plain LoRA with alpha = rank from PEFT folders); "
+                        "save it with diffusers' save_lora_weights, which stores alpha in the file")
+
+
 def inspect_file(lora_dir: str | Path, path: str, max_rank: int, max_file_bytes: int,
                  digest: bool = True) -> LoraFile:
     """Check the adapter at `path` (see `resolve_path`): location, format, size, keys and rank."""
     target, relative = resolve_path(lora_dir, path)
+    check_peft_config(target)
     stat = target.stat()
     if stat.st_size > max_file_bytes:
         raise LoraError(f"{relative} is {stat.st_size} bytes; at most {max_file_bytes} are accepted "

@@ -313,11 +313,45 @@ def test_inspection_and_targets_without_a_worker(lora_dir):
     with pytest.raises(LoraError, match="outside"):  # a symlink out is followed before the check
         resolve_path(lora_dir, "rejects/link.safetensors")
     assert find_adapters(lora_dir)["b"] == "b/adapter_model.safetensors"
+    peft_folder = lora_dir.parent / "peft" / "scaled"
+    peft_folder.mkdir(parents=True)
+    (peft_folder / "adapter_model.safetensors").write_bytes((lora_dir / "a.safetensors").read_bytes())
+    (peft_folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    with pytest.raises(LoraError, match="lora_alpha 8 != r 4"):
+        inspect_file(peft_folder.parent, "scaled", MAX_RANK, 1 << 20)
+    (peft_folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 4}))
+    assert inspect_file(peft_folder.parent, "scaled", MAX_RANK, 1 << 20).rank == 4
     truncated = lora_dir.parent / "truncated"
     truncated.mkdir()
     (truncated / "t.safetensors").write_bytes((lora_dir / "a.safetensors").read_bytes()[:50])
     with pytest.raises(LoraError, match="not a safetensors file"):
         inspect_file(truncated, "t.safetensors", MAX_RANK, 1 << 20)
+
+
+def test_peft_and_bare_layouts_give_the_diffusers_layouts_image(tiny_model, lora_dir, tmp_path):
+    """The same weights saved with PEFT's key prefix (a PEFT folder) or none load like diffusers' file."""
+    import threading
+
+    from bench.dit_speedups import make_job
+    from common.sizes import ImageSize
+    from common.stage_config import DiTEngineArgs
+    from stage_dit.pipeline_runner import DiTPipelineRunner
+
+    weights = load_file(str(lora_dir / "a.safetensors"))
+    (tmp_path / "peft").mkdir()
+    save_file({k.replace("transformer.", "base_model.model.", 1): v for k, v in weights.items()},
+              str(tmp_path / "peft" / "adapter_model.safetensors"))
+    save_file({k.removeprefix("transformer."): v for k, v in weights.items()}, str(tmp_path / "bare.safetensors"))
+    (tmp_path / "a.safetensors").write_bytes((lora_dir / "a.safetensors").read_bytes())
+    runner = DiTPipelineRunner(tiny_model, DiTEngineArgs(dtype="float32"), lora=LoraSettings(dir=str(tmp_path)))
+    job = make_job(ImageSize(*SIZE), 1, codebook=128)
+    images = []
+    for path in ("a.safetensors", "peft", "bare.safetensors"):
+        lora = inspect_file(tmp_path, path, MAX_RANK, 1 << 20)
+        spec = LoraSpec(name="x", path=lora.relative, digest=lora.digest, scale=0.8)
+        images.append(runner.run(job.model_copy(update={"loras": [spec]}), threading.Event()).image)
+    assert images[0] == images[1] == images[2]
+    assert runner.run(job, threading.Event()).image != images[0]
 
 
 def test_registry_refuses_runtime_updates_when_disabled(lora_dir):

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -56,6 +59,14 @@ class LoraMetrics:
 
     def load_finished(self, outcome: str) -> None:
         self.loads.labels(outcome=outcome, **self._labels).inc()
+
+
+@contextmanager
+def _several_adapters_expected() -> Iterator[None]:
+    """PEFT warns on every adapter after the first that the model holds several: that is the design here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        yield
 
 
 def linear_layers(transformer: torch.nn.Module) -> list[tuple[str, int, int]]:
@@ -102,7 +113,8 @@ class LoraManager:
             blank[f"{name}.lora_B.weight"] = torch.zeros(fan_out, rank, dtype=weight.dtype, device=weight.device)
         for i in range(self.settings.max_loras):
             slot = f"lora_slot{i}"
-            self.transformer.load_lora_adapter(dict(blank), prefix=None, adapter_name=slot)
+            with _several_adapters_expected():
+                self.transformer.load_lora_adapter(dict(blank), prefix=None, adapter_name=slot)
             self._slots.append(slot)
         self._layers = [m for m in self.transformer.modules() if isinstance(m, LoraLayer)]
         for layer in self._layers:
@@ -171,8 +183,9 @@ class LoraManager:
                 self._unit_scaling[name] = self._scalings(name)
             else:
                 name = f"lora_{spec.digest[:16]}"
-                self.transformer.load_lora_adapter(str(lora.path.parent), weight_name=lora.path.name,
-                                                   prefix=lora.prefix, adapter_name=name)
+                with _several_adapters_expected():
+                    self.transformer.load_lora_adapter(str(lora.path.parent), weight_name=lora.path.name,
+                                                       prefix=lora.prefix, adapter_name=name)
         except Exception:
             if self.metrics is not None:
                 self.metrics.load_finished("failed")

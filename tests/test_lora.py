@@ -30,7 +30,11 @@ from router.core.lora_registry import LoraChoice, LoraRegistry, LoraUpdatesDisab
 from router.core.result_cache import result_key
 from tests.helpers import assert_router_unhurt, b64_image, chat, cluster_with, noise_png, open_image
 
-pytestmark = pytest.mark.quick
+pytestmark = [
+    pytest.mark.quick,
+    # The in-process oracle holds two adapters at once, which PEFT warns about (it is what we want).
+    pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning"),
+]
 
 STEPS = 2
 SIZE = (256, 256)

@@ -237,15 +237,22 @@ def inspect_file(lora_dir: str | Path, path: str, max_rank: int, max_file_bytes:
 _NUMBER = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
 
 
+def _block_pattern(name: str) -> tuple[str, int] | None:
+    """`blocks.3.ff.net.0` -> ("blocks.#.ff.net.0", 3): the first index in the name is the block's."""
+    found = _NUMBER.search(name)
+    if found is None:
+        return None
+    return f"{name[:found.start()]}#{name[found.end():]}", int(found.group())
+
+
 def target_table(linears: Iterable[tuple[str, int, int]]) -> list[LoraTarget]:
-    """The DiT's linear layers (name, in, out) as LoraTargets: the layers of repeated blocks that
-    differ only in one block index and share a shape become one entry `blocks.#.attn.to_q` with
-    the number of blocks; anything else is listed by name."""
+    """The DiT's linear layers (name, in, out) as LoraTargets: a layer repeated in blocks 0..n-1
+    with one shape becomes one entry `blocks.#.attn.to_q` with count n; anything else is listed by
+    name. (The workers announce this in every heartbeat: a few dozen entries for the released DiT.)"""
     groups: dict[str, list[tuple[str, int, int, int]]] = {}
     for name, fan_in, fan_out in linears:
-        numbers = _NUMBER.findall(name)
-        pattern = _NUMBER.sub("#", name) if len(numbers) == 1 else name
-        groups.setdefault(pattern, []).append((name, int(numbers[0]) if len(numbers) == 1 else 0, fan_in, fan_out))
+        pattern, index = _block_pattern(name) or (name, -1)
+        groups.setdefault(pattern, []).append((name, index, fan_in, fan_out))
     table = []
     for pattern, members in groups.items():
         shapes = {(m[2], m[3]) for m in members}
@@ -263,11 +270,11 @@ def check_targets(lora: LoraFile, table: list[LoraTarget], name: str) -> None:
     by_pattern = {t.module: t for t in table}
     problems = []
     for module, shape in lora.modules.items():
-        numbers = _NUMBER.findall(module)
         entry = by_pattern.get(module)
-        if entry is None and len(numbers) == 1:
-            pattern_entry = by_pattern.get(_NUMBER.sub("#", module))
-            if pattern_entry is not None and int(numbers[0]) < pattern_entry.count:
+        block = _block_pattern(module)
+        if entry is None and block is not None:
+            pattern_entry = by_pattern.get(block[0])
+            if pattern_entry is not None and block[1] < pattern_entry.count:
                 entry = pattern_entry
         if entry is None:
             problems.append(f"{module[:120]!r} is not a linear layer of the DiT")

@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
+from common.protocol import LoraSpec
 from common.sizes import ImageSize
 from router.edge.auth import key_policy
 from router.edge.disconnect import ClientDisconnected, run_until_disconnect
@@ -89,7 +90,8 @@ class ImageAPI:
         body = parse_body(ImageGenerationRequest, data, self.limits)
         _, adapter = self._check_model(body.model)
         size = resolve_size(body.size, self.limits)
-        image_request = self._image_request(request, body, body.prompt, size, adapter=adapter)
+        loras = await self._loras(body, adapter)
+        image_request = self._image_request(request, body, body.prompt, size, loras=loras)
         if body.stream:
             return await self._stream(request, image_request, image_event_renderer(image_request, "image_generation"))
         return await self._serve(request, image_request, images_response)
@@ -111,7 +113,8 @@ class ImageAPI:
                     check_upload_size(upload.size, self.limits, what)
                 conditions.append(await self._condition_image(await upload.read(), what))
         size = resolve_size(body.size, self.limits, auto_size=conditions[0].size)
-        image_request = self._image_request(request, body, body.prompt, size, conditions, adapter=adapter)
+        loras = await self._loras(body, adapter)
+        image_request = self._image_request(request, body, body.prompt, size, conditions, loras=loras)
         if body.stream:
             return await self._stream(request, image_request, image_event_renderer(image_request, "image_edit"))
         return await self._serve(request, image_request, images_response)
@@ -136,7 +139,8 @@ class ImageAPI:
             raw = await run_in_threadpool(decode_data_url, url, self.limits, what)
             conditions.append(await self._condition_image(raw, what))
         size = resolve_size(requested_size, self.limits, auto_size=conditions[0].size if conditions else None)
-        image_request = self._image_request(request, body, prompt, size, conditions, adapter=adapter)
+        loras = await self._loras(body, adapter)
+        image_request = self._image_request(request, body, prompt, size, conditions, loras=loras)
         if body.stream:
             return await self._stream(request, image_request, chat_chunk_renderer(model, image_request.service_tier), done_marker=CHAT_DONE)
         return await self._serve(
@@ -158,7 +162,8 @@ class ImageAPI:
         """Serve a LoRA adapter file of the adapter folder under a name (vLLM's endpoint and body)."""
         data = await read_json_body(request, 64 * 1024)
         body = parse_body(LoadLoraAdapterRequest, data, self.limits)
-        lora = self.loras.load(body.lora_name, body.lora_path, log_tag(request), replace=body.load_inplace)
+        lora = await run_in_threadpool(self.loras.load, body.lora_name, body.lora_path, log_tag(request),
+                                       body.load_inplace)
         return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully (rank {lora.rank}, "
                         f"{len(lora.modules)} modules, sha256 {lora.digest[:12]}).", media_type="text/plain")
 
@@ -197,13 +202,21 @@ class ImageAPI:
 
     # -- the shared path of every image endpoint -----------------------------------
 
-    def _image_request(self, request: Request, body: ImageOptions, prompt: str, size: ImageSize,
-                       conditions: list[ConditionImage] | None = None, adapter: str | None = None) -> ImageRequest:
-        streaming = body.stream if isinstance(body, (ImageGenerationRequest, ImageEditForm)) else False
-        # The adapter `model` names (at scale 1, unless `loras` gives it a scale), then `loras`, in order.
+    async def _loras(self, body: ImageOptions, adapter: str | None) -> tuple[LoraSpec, ...]:
+        """The request's LoRA adapters, checked: the adapter `model` names (at scale 1, unless `loras`
+        gives it a scale), then `loras`, in order. Off the event loop: a file seen for the first time
+        (or changed) is hashed whole."""
         choices = [LoraChoice(lora.name, lora.scale) for lora in body.loras or []]
         if adapter is not None and adapter not in {choice.name for choice in choices}:
             choices.insert(0, LoraChoice(adapter))
+        if not choices:
+            return ()
+        return await run_in_threadpool(self.loras.resolve, choices)
+
+    def _image_request(self, request: Request, body: ImageOptions, prompt: str, size: ImageSize,
+                       conditions: list[ConditionImage] | None = None,
+                       loras: tuple[LoraSpec, ...] = ()) -> ImageRequest:
+        streaming = body.stream if isinstance(body, (ImageGenerationRequest, ImageEditForm)) else False
         # Who asks: the API key's policy (router/edge/auth.py); without keys, everyone is one tenant.
         policy = key_policy(request)
         return ImageRequest(
@@ -218,7 +231,7 @@ class ImageAPI:
             service_tier=resolve_service_tier(body.service_tier, policy.tier if policy else None),
             tenant=policy.name if policy else ANONYMOUS_TENANT,
             tenant_max_images=policy.max_images if policy else None,
-            loras=self.loras.resolve(choices))
+            loras=loras)
 
     async def _serve(self, request: Request, image_request: ImageRequest, render: RenderImages) -> Response:
         """Generate the images, cancelling the work if the client leaves, and render them."""

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from common.protocol import ARJob, ARPrompt, ARResult, ARSampling, ErrorCode, Heartbeat, JobError, JobRequest, JobResult
-from common.protocol import MMProcessorKwargs, Stage, WorkerInfo
+from common.protocol import DiTJob, LoraSpec, MMProcessorKwargs, OriginalPrompt, Stage, WorkerInfo
 from common.sizes import ImageSize
 from common.slot_arbiter import SlotArbiter
 from common.stage_config import StageConfig
@@ -453,6 +453,43 @@ async def test_a_cancelled_request_frees_its_slot_and_cancels_the_job():
     assert fleet.routers[0].transport.cancelled and waiting_req.request_id in next(iter(ar.running))
     ar.finish()
     await waiting
+
+
+async def test_lora_jobs_go_where_their_adapters_are_loaded_else_to_any_free_worker():
+    dit0, dit1 = SharedWorker("dit0", Stage.DIT, 1), SharedWorker("dit1", Stage.DIT, 1)
+    fleet = Fleet(stage_config(), [SharedWorker("ar0", Stage.AR, 1), dit0, dit1])
+    scheduler = fleet.routers[0]
+    warm, cold = "a" * 64, "b" * 64
+    # dit1's heartbeat says it has adapter `warm` loaded (dit0 would be picked first otherwise: its id).
+    scheduler.pool.observe(b"dit1", dit1.heartbeat("r0").model_copy(update={"loaded_loras": [warm]}))
+
+    def start_dit(*digests: str) -> asyncio.Task:
+        request = fleet.request()
+        admission = scheduler.admit(request)
+        original = OriginalPrompt(prompt="p", height=SIZE.height, width=SIZE.width, seed=0, num_inference_steps=1,
+                                  guidance_scale=1.0)
+        loras = [LoraSpec(name=f"l{i}", path=f"l{i}.safetensors", digest=d, scale=1.0) for i, d in enumerate(digests)]
+        payload = DiTJob(original_prompt=original, prior_token_ids=np.zeros((2, 2), dtype=np.int64), loras=loras)
+        job = StageJob(stage=Stage.DIT, request=request, image=admission.images[0], image_index=0, payload=payload,
+                       deadline_at=fleet.clock.now() + 600)
+        return asyncio.create_task(scheduler.run_job(job))
+
+    first = start_dit(warm)
+    await settle()
+    assert list(dit1.running) and not dit0.running  # the warm worker, though dit0 comes first otherwise
+    second = start_dit(warm)  # dit1 is busy: any free worker takes it (and loads the adapter)
+    await settle()
+    assert list(dit0.running)
+    dit0.finish()
+    dit1.finish()
+    await asyncio.gather(first, second, return_exceptions=True)
+    # dit0 now counts as having `warm` too (the router noted the job it sent), and `cold` goes anywhere free.
+    assert warm in scheduler.pool.workers["dit0"].loaded_loras
+    third = start_dit(cold)
+    await settle()
+    assert len(dit0.running) + len(dit1.running) == 1
+    (dit0 if dit0.running else dit1).finish()
+    await asyncio.gather(third, return_exceptions=True)
 
 
 # -- several routers sharing workers --------------------------------------------------------------

@@ -10,12 +10,13 @@ import signal
 
 import httpx
 
-from harness.local_cluster import Cluster, image_bytes, write_stage_config
+from harness.local_cluster import ROOT, Cluster, image_bytes, write_stage_config
 from tests.helpers import noise_png
 
 GREEDY = {"default_sampling_params": {"temperature": 0}}
-# On CPU vLLM reserves this fraction of RAM for its KV cache: ~1.2 GiB of 24, plenty for the tiny model.
-VLLM = {"engine": "vllm", "engine_args": {"gpu_memory_utilization": 0.05, "max_num_seqs": 4}, **GREEDY}
+# The shipped vLLM CPU config (eager: on CPU vLLM would otherwise compile the model with inductor, ~40 s
+# of C++ builds that prove nothing about GLM-Image) with a KV cache of ~1.2 GiB of 24, plenty for the tiny model.
+VLLM = {"engine_args": {"gpu_memory_utilization": 0.05, "max_num_seqs": 4}, **GREEDY}
 
 
 # Square, wide and tall grids (sizes kept small: vLLM decodes them on CPU), then edits.
@@ -45,7 +46,8 @@ def _run_all(cluster: Cluster) -> list[bytes]:
 
 def test_vllm_engine_images_equal_transformers_engine_images(tiny_model, tmp_path):
     router_config = write_stage_config(tmp_path, {"stage_args": [GREEDY]}, "router.yaml")
-    vllm_config = write_stage_config(tmp_path, {"stage_args": [VLLM]}, "vllm.yaml")
+    vllm_config = write_stage_config(tmp_path, {"stage_args": [VLLM]}, "vllm.yaml",
+                                     base=ROOT / "stage_configs" / "glm_image_tiny_cpu_vllm.yaml")
     with Cluster(model=tiny_model, workdir=tmp_path, stage_config=router_config) as cluster:
         with_transformers = _run_all(cluster)
         # Swap the AR worker: drain the transformers one, bring up a vLLM one.

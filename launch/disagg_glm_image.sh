@@ -40,7 +40,7 @@ USAGE
   for pair in "${ENV_OPTIONS[@]}"; do printf '  %-28s %s\n' "${pair%%=*}" "${pair#*=}"; done
   printf '  %-28s %s\n' "GLM_PROTECT_METRICS=1" "--protect-metrics"
   cat <<USAGE
-  GLM_CURVE_KEYS, GLM_API_KEY, GLM_API_KEY_FILE: read by \`glm-image-serve launch\` itself (below)
+  GLM_CURVE_KEYS, GLM_API_KEY, GLM_API_KEY_FILE, GLM_LORA_DIR: read by \`glm-image-serve launch\` itself (below)
 Also: GLM_SERVE_VENV, the virtual environment to set up and run (default: .venv in this checkout);
 GLM_TORCH_INDEX_URL, where set-up gets the CPU torch (launch/setup_env.sh); GLM_SERVE_LOG_LEVEL,
 every process's log level (default: INFO).

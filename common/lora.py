@@ -83,16 +83,23 @@ def find_adapters(lora_dir: str | Path) -> dict[str, str]:
     except OSError:
         return found
     for entry in entries:
-        if entry.name.endswith(SUFFIX) and entry.is_file():
-            name = entry.name[: -len(SUFFIX)]
-            if _NAME_RE.match(name):
-                found[name] = entry.name
-        elif entry.is_dir() and _NAME_RE.match(entry.name):
-            for file_name in ADAPTER_FILE_NAMES:
-                if (root / entry.name / file_name).is_file():
-                    found.setdefault(entry.name, f"{entry.name}/{file_name}")
-                    break
+        try:
+            _add_adapter(root, entry, found)
+        except OSError:  # a broken entry (a symlink loop) is no adapter; resolve_path says why if named
+            continue
     return found
+
+
+def _add_adapter(root: Path, entry: os.DirEntry, found: dict[str, str]) -> None:
+    if entry.name.endswith(SUFFIX) and entry.is_file():
+        name = entry.name[: -len(SUFFIX)]
+        if _NAME_RE.match(name):
+            found[name] = entry.name
+    elif entry.is_dir() and _NAME_RE.match(entry.name):
+        for file_name in ADAPTER_FILE_NAMES:
+            if (root / entry.name / file_name).is_file():
+                found.setdefault(entry.name, f"{entry.name}/{file_name}")
+                break
 
 
 def resolve_path(lora_dir: str | Path, path: str) -> tuple[Path, str]:
@@ -101,7 +108,13 @@ def resolve_path(lora_dir: str | Path, path: str) -> tuple[Path, str]:
     followed before the check, so none leads out."""
     if not isinstance(path, str) or not path or "\x00" in path or len(path) > 4096:
         raise LoraError("lora_path must be a non-empty path inside the adapter folder")
-    root = Path(lora_dir).resolve()
+    try:
+        return _resolve_path(Path(lora_dir).resolve(), path)
+    except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop, no permission
+        raise LoraError(f"lora_path {path[:200]!r} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _resolve_path(root: Path, path: str) -> tuple[Path, str]:
     candidate = Path(path)
     target = (candidate if candidate.is_absolute() else root / candidate).resolve()
     if target != root and root not in target.parents:

@@ -168,7 +168,10 @@ class LoraManager:
         settings = self.settings
         started = time.monotonic()
         try:
-            lora = inspect_file(self.lora_dir, spec.path, settings.max_rank, settings.max_file_bytes)
+            try:
+                lora = inspect_file(self.lora_dir, spec.path, settings.max_rank, settings.max_file_bytes)
+            except OSError as exc:  # removed or unreadable since the router checked it: the client's 400
+                raise LoraError(f"adapter {spec.name!r}: cannot read {spec.path}: {exc.strerror or exc}") from None
             if lora.digest != spec.digest:
                 raise LoraError(f"adapter {spec.name!r}: {lora.relative} changed since the router checked it "
                                 "(another sha256); send the request again")

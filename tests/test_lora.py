@@ -317,6 +317,14 @@ def test_inspection_and_targets_without_a_worker(lora_dir):
     with pytest.raises(LoraError, match="outside"):  # a symlink out is followed before the check
         resolve_path(lora_dir, "rejects/link.safetensors")
     assert find_adapters(lora_dir)["b"] == "b/adapter_model.safetensors"
+    loop = lora_dir.parent / "loop"
+    loop.mkdir()
+    (loop / "x.safetensors").symlink_to(loop / "y.safetensors")
+    (loop / "y.safetensors").symlink_to(loop / "x.safetensors")
+    assert find_adapters(loop) == {}
+    for bad in ("x.safetensors", "n" * 300 + ".safetensors"):
+        with pytest.raises(LoraError, match="cannot be read"):
+            resolve_path(loop, bad)
     peft_folder = lora_dir.parent / "peft" / "scaled"
     peft_folder.mkdir(parents=True)
     (peft_folder / "adapter_model.safetensors").write_bytes((lora_dir / "a.safetensors").read_bytes())

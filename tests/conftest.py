@@ -39,28 +39,35 @@ SHARED_GROUPS = {
 }
 GROUP_OF_MODULE = {module: group for group, modules in SHARED_GROUPS.items() for module in modules}
 
-# Rough seconds each group took in a full run on 2 busy cores (`--durations`, summed per group): the
+# Rough seconds each group took in a full run on 2 busy cores (`--durations 0`, summed per group): the
 # order groups are handed to the workers, heaviest first. A group missing here runs after these (its
 # cost is taken as 0): add a new module here if it takes more than ~30 s.
 GROUP_COST = {
-    "test_real_shape": 690,
-    "test_offline": 430,
-    "netns": 420,
-    "test_random_init": 340,
-    "test_vllm_engine": 290,
-    "test_engines_e2e": 210,
-    "test_api_keys": 150,
-    "test_launcher": 125,
-    "test_e2e": 100,
-    "test_chaos": 90,
-    "test_bus_security": 85,
-    "test_client": 80,
-    "test_interrupt": 75,
-    "test_reliability": 70,
-    "test_seeds_and_cache": 55,
-    "test_streaming": 50,
-    "test_prometheus": 45,
-    "test_bad_input": 35,
+    "test_real_shape": 780,
+    "netns": 370,
+    "test_vllm_engine": 250,
+    "test_offline": 240,
+    "test_e2e": 225,
+    "test_random_init": 185,
+    "test_launcher": 165,
+    "test_chaos": 145,
+    "test_dit_speedups": 145,
+    "test_reliability": 135,
+    "test_api_keys": 120,
+    "test_interrupt": 105,
+    "test_multi_router": 100,
+    "test_engines_e2e": 100,
+    "test_bus_security": 100,
+    "test_prometheus": 75,
+    "test_seeds_and_cache": 65,
+    "test_lora": 60,
+    "test_cli": 60,
+    "test_client": 60,
+    "test_bench_smoke": 55,
+    "test_streaming": 55,
+    "test_k8s_manifests": 45,
+    "test_worker_probes": 35,
+    "test_ar_engine": 30,
 }
 
 

@@ -69,6 +69,9 @@ class Host:
         Python): a mount over one of them (a pod's emptyDir at /tmp over a checkout in /tmp) must
         not hide them, so they are bound into that mount's source first and carried along with it."""
         script = [f"hostname {shlex.quote(self.name)}"]
+        # A mount over a folder that holds other volumes' sources (a pod's /tmp over this machine's
+        # /tmp/pytest-...) goes after them: mounted first, it would hide them from the later binds.
+        mounts = sorted(mounts, key=lambda m: any(o.source.is_relative_to(m.target) for o in mounts if o is not m))
         for mount in mounts:
             # Mount points are made before the root turns read-only; on the machine they stay empty.
             self.lab.make_mount_point(mount)

@@ -50,6 +50,17 @@ class LoraModule:
 
 
 @dataclass(frozen=True)
+class PeftScaling:
+    """What a PEFT folder's adapter_config.json says about scaling, applied when the adapter loads:
+    a module's delta B @ A is scaled by alpha / r (alpha / sqrt(r) with rsLoRA), alpha taken from
+    `alpha_pattern` where a pattern matches the module (PEFT's rule), else `lora_alpha`."""
+
+    lora_alpha: float
+    use_rslora: bool
+    alpha_pattern: dict[str, float]
+
+
+@dataclass(frozen=True)
 class LoraFile:
     """A checked adapter file."""
 
@@ -57,9 +68,10 @@ class LoraFile:
     relative: str  # the same, relative to the adapter folder (what jobs carry)
     size: int
     mtime_ns: int
-    digest: str  # sha256 of the file: what identifies the adapter's bytes everywhere
+    digest: str  # sha256 of the file (and its PEFT config): what identifies the adapter everywhere
     prefix: str | None  # the key prefix before the module names ("transformer"), None for bare keys
     modules: dict[str, LoraModule]
+    peft_scaling: PeftScaling | None = None  # a PEFT folder's alpha settings; None: alpha = rank
 
     @property
     def rank(self) -> int:
@@ -164,11 +176,14 @@ def read_header(path: Path, size: int) -> dict:
     return header
 
 
-def file_digest(path: Path) -> str:
+def file_digest(path: Path, config: bytes = b"") -> str:
+    """sha256 of the adapter file, and of its PEFT config when it has one (a new alpha is a new adapter)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+    if config:
+        digest.update(b"\0" + _PEFT_CONFIG.encode() + b"\0" + config)
     return digest.hexdigest()
 
 
@@ -203,37 +218,54 @@ def parse_modules(name: str, header: dict, max_rank: int) -> tuple[str | None, d
     return (prefix[:-1] or None), modules
 
 
-def check_peft_config(adapter_file: Path) -> None:
-    """A PEFT folder's adapter_config.json (beside adapter_model.safetensors) is not applied when
-    the adapter is loaded (diffusers takes alpha = rank): refuse what it would change."""
-    config_path = adapter_file.parent / "adapter_config.json"
+_PEFT_CONFIG = "adapter_config.json"
+_MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_peft_config(adapter_file: Path) -> tuple[PeftScaling | None, bytes]:
+    """The scaling of a PEFT folder's adapter (None for a plain file) and the config's bytes (part
+    of the adapter's identity); LoraError for what this server cannot apply (DoRA, LoRA biases,
+    other PEFT methods) or a malformed config."""
+    config_path = adapter_file.parent / _PEFT_CONFIG
     if adapter_file.name != "adapter_model.safetensors" or not config_path.is_file():
-        return
-    if config_path.stat().st_size > 1 << 20:
-        raise LoraError(f"{config_path.name} of {adapter_file.parent.name} is larger than 1 MiB")
+        return None, b""
+    folder = adapter_file.parent.name
+    if config_path.stat().st_size > _MAX_CONFIG_BYTES:
+        raise LoraError(f"{_PEFT_CONFIG} of {folder} is larger than 1 MiB")
+    raw = config_path.read_bytes()
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoraError(f"{config_path.name} of {adapter_file.parent.name} is not JSON: {exc}") from None
+        raise LoraError(f"{_PEFT_CONFIG} of {folder} is not JSON: {exc}") from None
     if not isinstance(config, dict):
-        raise LoraError(f"{config_path.name} of {adapter_file.parent.name} is not a JSON object")
-    unsupported = [key for key in ("use_dora", "use_rslora", "alpha_pattern", "rank_pattern", "lora_bias")
-                   if config.get(key)]
+        raise LoraError(f"{_PEFT_CONFIG} of {folder} is not a JSON object")
+    unsupported = [key for key in ("use_dora", "lora_bias") if config.get(key)]
     if config.get("peft_type", "LORA") != "LORA":
         unsupported.append(f"peft_type {config['peft_type']}")
-    if config.get("lora_alpha", config.get("r")) != config.get("r"):
-        unsupported.append(f"lora_alpha {config.get('lora_alpha')} != r {config.get('r')}")
     if unsupported:
-        raise LoraError(f"adapter {adapter_file.parent.name}: its adapter_config.json sets {', '.join(map(str, unsupported))}, "
-                        "which this server cannot apply (it serves plain LoRA with alpha = rank from PEFT folders); "
-                        "save it with diffusers' save_lora_weights, which stores alpha in the file")
+        raise LoraError(f"adapter {folder}: its {_PEFT_CONFIG} sets {', '.join(map(str, unsupported))}, which this "
+                        "server does not serve (plain LoRA only, with any alpha, rsLoRA and rank or alpha patterns)")
+
+    def number(value, what: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e6:
+            raise LoraError(f"adapter {folder}: {what} in its {_PEFT_CONFIG} must be a positive number, not {value!r}")
+        return float(value)
+
+    rank = config.get("r", 8)
+    alpha = number(config.get("lora_alpha", rank), "lora_alpha")
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict) or not all(isinstance(k, str) for k in patterns):
+        raise LoraError(f"adapter {folder}: alpha_pattern in its {_PEFT_CONFIG} must map module names to numbers")
+    scaling = PeftScaling(lora_alpha=alpha, use_rslora=bool(config.get("use_rslora")),
+                          alpha_pattern={key: number(value, f"alpha_pattern[{key!r}]") for key, value in patterns.items()})
+    return scaling, raw
 
 
 def inspect_file(lora_dir: str | Path, path: str, max_rank: int, max_file_bytes: int,
                  digest: bool = True) -> LoraFile:
     """Check the adapter at `path` (see `resolve_path`): location, format, size, keys and rank."""
     target, relative = resolve_path(lora_dir, path)
-    check_peft_config(target)
+    scaling, config = read_peft_config(target)
     stat = target.stat()
     if stat.st_size > max_file_bytes:
         raise LoraError(f"{relative} is {stat.st_size} bytes; at most {max_file_bytes} are accepted "
@@ -241,7 +273,8 @@ def inspect_file(lora_dir: str | Path, path: str, max_rank: int, max_file_bytes:
     header = read_header(target, stat.st_size)
     prefix, modules = parse_modules(relative, header, max_rank)
     return LoraFile(path=target, relative=relative, size=stat.st_size, mtime_ns=stat.st_mtime_ns,
-                    digest=file_digest(target) if digest else "", prefix=prefix, modules=modules)
+                    digest=file_digest(target, config) if digest else "", prefix=prefix, modules=modules,
+                    peft_scaling=scaling)
 
 
 # ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ the same modules and tensors every time and never recompile. The cost: every lin
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from collections import OrderedDict
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from common.lora import LoraError, check_targets, inspect_file, target_table
+from common.lora import LoraError, LoraFile, PeftScaling, check_targets, inspect_file, target_table
 from common.protocol import LoraSpec, LoraTarget
 from common.stage_config import LoraSettings
 
@@ -67,6 +68,15 @@ def _several_adapters_expected() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
         yield
+
+
+def module_scaling(scaling: PeftScaling, module: str, rank: int) -> float:
+    """PEFT's scaling of one adapted module: alpha (its `alpha_pattern` entry, else `lora_alpha`)
+    over the rank, or over its square root with rsLoRA."""
+    from peft.utils.other import get_pattern_key
+
+    alpha = scaling.alpha_pattern.get(get_pattern_key(list(scaling.alpha_pattern), module), scaling.lora_alpha)
+    return alpha / (math.sqrt(rank) if scaling.use_rslora else rank)
 
 
 def linear_layers(transformer: torch.nn.Module) -> list[tuple[str, int, int]]:
@@ -116,7 +126,9 @@ class LoraManager:
             with _several_adapters_expected():
                 self.transformer.load_lora_adapter(dict(blank), prefix=None, adapter_name=slot)
             self._slots.append(slot)
-        self._layers = [m for m in self.transformer.modules() if isinstance(m, LoraLayer)]
+        named = [(name, module) for name, module in self.transformer.named_modules() if isinstance(module, LoraLayer)]
+        self._layer_names = [name for name, _ in named]
+        self._layers = [module for _, module in named]
         for layer in self._layers:
             layer.set_adapter(self._slots)  # all slots active, always: a job changes only their scales
         # Scalings become tensors, changed in place from now on (a new float would be a new guard).
@@ -181,14 +193,17 @@ class LoraManager:
             if self.hotswap:
                 name = next(slot for slot in self._slots if slot not in self._loaded.values())
                 # The slot's weights are replaced in place; activate() then sets every slot's scale.
-                self.transformer.load_lora_adapter(str(lora.path.parent), weight_name=lora.path.name,
-                                                   prefix=lora.prefix, adapter_name=name, hotswap=True)
-                self._unit_scaling[name] = self._scalings(name)
+                self._inject(lora, name)
+                if lora.peft_scaling is None:
+                    self._unit_scaling[name] = self._scalings(name)
+                else:
+                    self._unit_scaling[name] = [
+                        module_scaling(lora.peft_scaling, layer, lora.modules[layer].rank) if layer in lora.modules
+                        else 0.0 for layer in self._layer_names]
             else:
                 name = f"lora_{spec.digest[:16]}"
                 with _several_adapters_expected():
-                    self.transformer.load_lora_adapter(str(lora.path.parent), weight_name=lora.path.name,
-                                                       prefix=lora.prefix, adapter_name=name)
+                    self._inject(lora, name)
         except Exception:
             if self.metrics is not None:
                 self.metrics.load_finished("failed")
@@ -204,6 +219,33 @@ class LoraManager:
                     log_tag, spec.name, lora.relative, lora.rank, len(lora.modules), spec.digest[:12], took,
                     len(self._loaded))
         return name
+
+    def _inject(self, lora: LoraFile, name: str) -> None:
+        """Load `lora` as PEFT adapter `name` (into that slot when hot-swapping).
+
+        A PEFT folder keeps alpha in adapter_config.json, which diffusers does not read: its weights
+        go in as a state dict with the LoRA config diffusers would infer from them (alpha = rank)
+        amended by the folder's alpha settings. A slot's config cannot change (PEFT's hot-swap
+        refuses another rsLoRA or alpha pattern), so there the folder's scalings are the slot's unit
+        scalings instead (see `_ensure_loaded`)."""
+        if lora.peft_scaling is None:
+            self.transformer.load_lora_adapter(str(lora.path.parent), weight_name=lora.path.name, prefix=lora.prefix,
+                                               adapter_name=name, hotswap=self.hotswap)
+            return
+        from diffusers.utils.peft_utils import get_peft_kwargs
+        from safetensors.torch import load_file
+
+        cut = len(lora.prefix) + 1 if lora.prefix else 0
+        state = {key[cut:]: value for key, value in load_file(str(lora.path)).items()}
+        ranks = {f"^{key}": value.shape[1] for key, value in state.items() if ".lora_B." in key}
+        config = get_peft_kwargs(ranks, None, state, is_unet=False)
+        if self.hotswap:
+            config["alpha_pattern"] = {}
+        else:
+            scaling = lora.peft_scaling
+            config.update(lora_alpha=scaling.lora_alpha, alpha_pattern=dict(scaling.alpha_pattern),
+                          use_rslora=scaling.use_rslora)
+        self.transformer.load_lora_adapter(state, prefix=None, metadata=config, adapter_name=name, hotswap=self.hotswap)
 
     def _evict(self, keep: set[str], log_tag: str) -> None:
         digest = next((d for d in self._loaded if d not in keep), None)

@@ -188,3 +188,15 @@ GARBAGE: list[Garbage] = [
             "invalid message"),
     Garbage("extra field", [header({"type": "goodbye", "worker_id": "fake-1", "rm_rf": True})], "invalid message"),
 ]
+
+
+def write_peft_folder(folder: Path, weights: dict, **config) -> None:
+    """`weights` (diffusers' keys) as PEFT's save_pretrained writes them, with PEFT's own config file."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file({k.replace("transformer.", "base_model.model.", 1): v for k, v in weights.items()},
+              str(folder / "adapter_model.safetensors"))
+    modules = sorted({k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in weights})
+    LoraConfig(target_modules=modules, **config).save_pretrained(str(folder))

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
 from bench.dit_speedups import cache_job_stats, deep_tiny_model, make_job, max_abs_diff, psnr
@@ -33,7 +34,7 @@ from common.sizes import ImageSize
 from common.stage_config import BlockCacheSettings, CompileSettings, DiTEngineArgs, LoraSettings, load_stage_config
 from model_presets.tiny_lora import LoraRecipe, make_loras
 from stage_dit.pipeline_runner import DiTPipelineRunner
-from tests.helpers import noise_png
+from tests.helpers import noise_png, write_peft_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = 4
@@ -163,6 +164,9 @@ def test_lora_hot_swap_on_the_compiled_dit_recompiles_nothing(eager, deep_model,
     make_loras(deep_model, [LoraRecipe(folder / "a.safetensors", rank=4, seed=1),
                             LoraRecipe(folder / "b.safetensors", rank=2, seed=2, targets=("to_q", "ff.net.2")),
                             LoraRecipe(folder / "c.safetensors", rank=8, seed=3, targets=("to_v", "proj_out"))])
+    # A PEFT folder with rsLoRA and an alpha pattern: a slot's config cannot take them, its scalings do.
+    write_peft_folder(folder / "d", load_file(str(folder / "a.safetensors")), r=4, lora_alpha=3, use_rslora=True,
+                      alpha_pattern={"to_k": 5})
     settings = LoraSettings(dir=str(folder), max_loras=2, max_rank=8)
     compiled = DiTPipelineRunner(deep_model, DiTEngineArgs(dtype="float32", compile={"backend": "aot_eager"}),
                                  lora=settings)
@@ -170,8 +174,9 @@ def test_lora_hot_swap_on_the_compiled_dit_recompiles_nothing(eager, deep_model,
     assert compiled.lora.hotswap and not reference.lora.hotswap
 
     def spec(name: str, scale: float) -> LoraSpec:
-        digest = inspect_file(folder, f"{name}.safetensors", 8, 1 << 20).digest
-        return LoraSpec(name=name, path=f"{name}.safetensors", digest=digest, scale=scale)
+        path = name if (folder / name).is_dir() else f"{name}.safetensors"
+        lora = inspect_file(folder, path, 8, 1 << 20)
+        return LoraSpec(name=name, path=lora.relative, digest=lora.digest, scale=scale)
 
     def job(*loras: LoraSpec):
         return make_job(SIZE, 2, codebook=128).model_copy(update={"loras": list(loras)})
@@ -179,9 +184,9 @@ def test_lora_hot_swap_on_the_compiled_dit_recompiles_nothing(eager, deep_model,
     base = _run(compiled, job())  # the first job compiles
     assert base == _run(eager, job())
     before = counters["stats"]["unique_graphs"]
-    a, b, c = spec("a", 0.8), spec("b", 0.5), spec("c", 1.0)
+    a, b, c, d = spec("a", 0.8), spec("b", 0.5), spec("c", 1.0), spec("d", 0.7)
     # c needs a slot while a and b hold both: the least recently used is swapped out.
-    for loras in ([a], [], [b], [a, b], [a.model_copy(update={"scale": -0.3})], [c], [b, c], []):
+    for loras in ([a], [], [b], [a, b], [a.model_copy(update={"scale": -0.3})], [c], [b, c], [d, c], [a], []):
         image = _run(compiled, job(*loras))
         assert max_abs_diff(image, _run(reference, job(*loras))) <= 2, loras
         assert (image == base) == (not loras)

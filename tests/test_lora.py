@@ -28,7 +28,8 @@ from model_presets.tiny_lora import LoraRecipe, make_loras
 from router.core.errors import InvalidRequest, NotFound
 from router.core.lora_registry import LoraChoice, LoraRegistry, LoraUpdatesDisabled
 from router.core.result_cache import result_key
-from tests.helpers import assert_router_unhurt, b64_image, chat, cluster_with, noise_png, open_image
+from tests.helpers import (assert_router_unhurt, b64_image, chat, cluster_with, noise_png, open_image,
+                           write_peft_folder)
 
 pytestmark = [
     pytest.mark.quick,
@@ -328,11 +329,21 @@ def test_inspection_and_targets_without_a_worker(lora_dir):
     peft_folder = lora_dir.parent / "peft" / "scaled"
     peft_folder.mkdir(parents=True)
     (peft_folder / "adapter_model.safetensors").write_bytes((lora_dir / "a.safetensors").read_bytes())
-    (peft_folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
-    with pytest.raises(LoraError, match="lora_alpha 8 != r 4"):
-        inspect_file(peft_folder.parent, "scaled", MAX_RANK, 1 << 20)
-    (peft_folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 4}))
-    assert inspect_file(peft_folder.parent, "scaled", MAX_RANK, 1 << 20).rank == 4
+    digests = set()
+    for config in ({"r": 4, "lora_alpha": 8}, {"r": 4, "lora_alpha": 4, "use_rslora": True},
+                   {"r": 4, "lora_alpha": 4, "alpha_pattern": {"to_q": 2}}):
+        (peft_folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **config}))
+        scaled = inspect_file(peft_folder.parent, "scaled", MAX_RANK, 1 << 20)
+        assert scaled.rank == 4 and scaled.peft_scaling.lora_alpha == config["lora_alpha"]
+        digests.add(scaled.digest)
+    # The config is part of the adapter's identity: the same weights under another alpha are another adapter.
+    assert len(digests) == 3 and inspect_file(lora_dir, "a.safetensors", MAX_RANK, 1 << 20).digest not in digests
+    for config, message in [({"use_dora": True}, "use_dora"), ({"peft_type": "LOHA"}, "peft_type LOHA"),
+                            ({"lora_alpha": "8"}, "lora_alpha in its adapter_config.json must be a positive number"),
+                            ({"alpha_pattern": {"to_q": -1}}, r"alpha_pattern\[.to_q.\] in")]:
+        (peft_folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, **config}))
+        with pytest.raises(LoraError, match=message):
+            inspect_file(peft_folder.parent, "scaled", MAX_RANK, 1 << 20)
     truncated = lora_dir.parent / "truncated"
     truncated.mkdir()
     (truncated / "t.safetensors").write_bytes((lora_dir / "a.safetensors").read_bytes()[:50])
@@ -364,6 +375,42 @@ def test_peft_and_bare_layouts_give_the_diffusers_layouts_image(tiny_model, lora
         images.append(runner.run(job.model_copy(update={"loras": [spec]}), threading.Event()).image)
     assert images[0] == images[1] == images[2]
     assert runner.run(job, threading.Event()).image != images[0]
+
+
+def test_peft_folders_are_scaled_by_their_alpha(tiny_model, lora_dir, tmp_path):
+    """A PEFT folder's alpha (lora_alpha, rsLoRA, alpha_pattern) scales its modules as PEFT does:
+    equal, to the bit, to diffusers' file with the scaling folded into lora_B (powers of two, which
+    multiply exactly)."""
+    import threading
+
+    from bench.dit_speedups import make_job
+    from common.sizes import ImageSize
+    from common.stage_config import DiTEngineArgs
+    from stage_dit.pipeline_runner import DiTPipelineRunner
+
+    weights = load_file(str(lora_dir / "a.safetensors"))  # rank 4 on to_q, to_k, to_v and to_out.0
+    write_peft_folder(tmp_path / "alpha", weights, r=4, lora_alpha=8)  # 8 / 4
+    write_peft_folder(tmp_path / "rslora", weights, r=4, lora_alpha=4, use_rslora=True)  # 4 / sqrt(4)
+    write_peft_folder(tmp_path / "pattern", weights, r=4, lora_alpha=4, alpha_pattern={"to_q": 16})  # 4 on to_q, else 1
+
+    def folded(name: str, factor) -> None:
+        save_file({k: v * factor(k) if ".lora_B." in k else v for k, v in weights.items()},
+                  str(tmp_path / f"{name}.safetensors"))
+
+    folded("twice", lambda key: 2)
+    folded("query_x4", lambda key: 4 if ".to_q." in key else 1)
+    (tmp_path / "a.safetensors").write_bytes((lora_dir / "a.safetensors").read_bytes())
+    runner = DiTPipelineRunner(tiny_model, DiTEngineArgs(dtype="float32"), lora=LoraSettings(dir=str(tmp_path)))
+    job = make_job(ImageSize(*SIZE), 1, codebook=128)
+
+    def image(path: str) -> bytes:
+        lora = inspect_file(tmp_path, path, MAX_RANK, 1 << 20)
+        spec = LoraSpec(name="x", path=lora.relative, digest=lora.digest, scale=0.5)
+        return runner.run(job.model_copy(update={"loras": [spec]}), threading.Event()).image
+
+    twice = image("twice.safetensors")
+    assert image("alpha") == image("rslora") == twice != image("a.safetensors")
+    assert image("pattern") == image("query_x4.safetensors") not in (twice, image("a.safetensors"))
 
 
 def test_registry_refuses_runtime_updates_when_disabled(lora_dir):

@@ -4,12 +4,13 @@ Tiers: a module marked `quick` (`pytestmark = pytest.mark.quick`) belongs to the
 its tests marked `slow`; `./tests/run_tests.sh --quick` runs `-m "quick and not slow"`, the plain
 command everything (README, "Tests", says what each tier proves).
 
-Parallel runs (pytest-xdist, `-n 2 --dist loadscope`, as run_tests.sh does): every module is one
+Parallel runs (pytest-xdist, `-n 3 --dist loadscope`, as run_tests.sh does): every module is one
 group, run whole by one worker, so its module-scoped fixtures (a cluster, a vLLM engine) start
 once. Modules that share machine-wide state (network namespaces, /etc/netns, the 198.18.0.0/15
-addresses) form one group so they never run at the same time. Groups start heaviest first (GROUP_COST), so both workers finish at
-about the same time. (xdist's own `loadgroup` cannot do this with pytest 9.2: the group suffix it
-writes into `item._nodeid` no longer reaches `item.nodeid`.)
+addresses) form one group so they never run at the same time. Groups start heaviest first
+(GROUP_COST), and a process still busy is topped up with the lightest group left, so the processes
+finish at about the same time. (xdist's own `loadgroup` cannot do this with pytest 9.2: the group
+suffix it writes into `item._nodeid` no longer reaches `item.nodeid`.)
 
 Interrupting the run (Ctrl-C, SIGTERM) tears the fixtures down, so every cluster stops; the
 processes a cluster starts also get SIGTERM from the kernel if this process dies without teardown
@@ -39,35 +40,40 @@ SHARED_GROUPS = {
 }
 GROUP_OF_MODULE = {module: group for group, modules in SHARED_GROUPS.items() for module in modules}
 
-# Rough seconds each group took in a full run on 2 busy cores (`--durations 0`, summed per group): the
-# order groups are handed to the workers, heaviest first. A group missing here runs after these (its
-# cost is taken as 0): add a new module here if it takes more than ~30 s.
+# Rough seconds each group took in a full run (3 processes on 2 cores, AVX2 kernels; `--durations 0`,
+# summed per group): the order groups are handed to the workers, heaviest first. A group missing
+# here runs after these (its cost is taken as 0): add a new module here if it takes more than ~30 s.
 GROUP_COST = {
-    "test_real_shape": 780,
-    "netns": 370,
-    "test_vllm_engine": 250,
-    "test_offline": 240,
-    "test_e2e": 225,
-    "test_random_init": 185,
-    "test_launcher": 165,
-    "test_chaos": 145,
-    "test_dit_speedups": 145,
-    "test_reliability": 135,
-    "test_api_keys": 120,
-    "test_interrupt": 105,
-    "test_multi_router": 100,
-    "test_engines_e2e": 100,
-    "test_bus_security": 100,
-    "test_prometheus": 75,
-    "test_seeds_and_cache": 65,
-    "test_lora": 60,
-    "test_cli": 60,
-    "test_client": 60,
-    "test_bench_smoke": 55,
-    "test_streaming": 55,
-    "test_k8s_manifests": 45,
-    "test_worker_probes": 35,
-    "test_ar_engine": 30,
+    "test_real_shape": 490,
+    "netns": 180,
+    "test_random_init": 180,
+    "test_offline": 175,
+    "test_vllm_engine": 170,
+    "test_dit_speedups": 140,
+    "test_e2e": 100,
+    "test_launcher": 80,
+    "test_interrupt": 75,
+    "test_reliability": 75,
+    "test_chaos": 70,
+    "test_bus_security": 65,
+    "test_multi_router": 60,
+    "test_seeds_and_cache": 50,
+    "test_api_keys": 50,
+    "test_engines_e2e": 45,
+    "test_prometheus": 40,
+    "test_bench_smoke": 35,
+    "test_client": 30,
+    "test_metrics_catalogue": 30,
+    "test_cli": 25,
+    "test_openapi_fuzz": 25,
+    "test_lora": 25,
+    "test_streaming": 25,
+    "test_bad_input": 15,
+    "test_k8s_manifests": 10,
+    "test_slow_clients": 10,
+    "test_playground": 10,
+    "test_worker_probes": 10,
+    "test_hostile_http": 10,
 }
 
 
@@ -95,6 +101,15 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     class ModuleGroupScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return _group_of_module(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            # xdist tops a process up while its last two tests still run (a worker needs its next
+            # test in hand). Topping up with the heaviest group left would queue that group behind a
+            # long test while the other processes run dry; the lightest group ends about when the
+            # long test does. An idle process takes the heaviest.
+            if self._pending_of(self.assigned_work.get(node, {})):
+                self.workqueue.move_to_end(next(reversed(self.workqueue)), last=False)
+            super()._assign_work_unit(node)
 
     config.option.loadscopereorder = False  # keep GROUP_COST's order, not "most tests first"
     return ModuleGroupScheduling(config, log)

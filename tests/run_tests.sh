@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The test command: install the system packages the tests need, set up (or refresh) the virtual
-# environment from the project's files, then run the suite on two processes (pytest-xdist) and
+# environment from the project's files, then run the suite on three processes (pytest-xdist) and
 # print the 25 slowest tests.
 #   ./tests/run_tests.sh              the whole suite (full tier)
 #   ./tests/run_tests.sh --quick      the quick tier: modules marked `quick`, less tests marked `slow`
 #   ./tests/run_tests.sh ARGS...      ARGS go to pytest, e.g. tests/test_e2e.py -x, or -n 0 to run serially
-# GLM_TEST_WORKERS sets the number of pytest processes (default 2).
+# GLM_TEST_WORKERS sets the number of pytest processes (default 3: tests wait on processes and
+# sockets much of the time, so three keep two cores busier than two; peak memory ~20 GiB).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$ROOT/tests/setup_system_packages.sh"
@@ -28,5 +29,5 @@ for arg in "${args[@]+"${args[@]}"}"; do
     tests|tests/*) paths=() ;;
   esac
 done
-exec "$VENV/bin/python" -m pytest -n "${GLM_TEST_WORKERS:-2}" --dist loadscope --durations 25 \
+exec "$VENV/bin/python" -m pytest -n "${GLM_TEST_WORKERS:-3}" --dist loadscope --durations 25 \
   "${tier[@]+"${tier[@]}"}" "${paths[@]+"${paths[@]}"}" "${args[@]+"${args[@]}"}"

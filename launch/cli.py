@@ -18,6 +18,7 @@ import argparse
 import os
 import re
 import sys
+from importlib.metadata import version
 from pathlib import Path
 from typing import NoReturn
 
@@ -181,6 +182,7 @@ def _add_launch(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="glm-image-serve", description="Disaggregated GLM-Image serving.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('glm-image-serve')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     launch = sub.add_parser("launch", help="run a router and N AR + M DiT workers on this machine, supervised: "

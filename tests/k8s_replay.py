@@ -9,8 +9,9 @@ emptyDirs), init containers first, under a read-only root when the pod asks for 
 resolve through every host's /etc/hosts: a Service maps to the addresses of the pods it selects
 (a headless Service's DNS answer). Probes are plain HTTP GETs from the pod's own host.
 
-What it does not do: images (the container runs this checkout's `glm-image-serve`, which is what
-the image holds), resource limits, users and capabilities.
+This class runs each container's command from this checkout's `.venv` (`bin_dir`), which is what
+the image holds; tests/test_k8s_cluster.py's `ImageReplay` runs them from the image itself with
+podman, users, capabilities and read-only root included. Neither applies resource limits.
 """
 
 from __future__ import annotations

@@ -3,11 +3,13 @@
 # the playground's browser test (tests/test_playground.py); jq, for the curl examples that
 # tests/test_client.py runs (examples/*.sh); kubectl, to render the kustomize manifests in deploy/k8s;
 # prometheus (with promtool), to scrape a live cluster and check the alert rules; tcpdump, to show
-# that CURVE encrypts the bus; iproute2, for the network namespaces the multi-host tests build. Idempotent and quick: it asks dpkg
+# that CURVE encrypts the bus; iproute2, for the network namespaces the multi-host tests build;
+# podman with runc (crun refuses hybrid cgroup hosts) and debootstrap, to build deploy/docker's image on
+# a Debian base made here and run it (deploy/docker/build.sh, tests/test_container_image.py). Idempotent and quick: it asks dpkg
 # first and runs apt-get (update, then install) only when a package is missing. When another
 # apt-get or dpkg holds the package lock, it waits for it, at most GLM_APT_LOCK_TIMEOUT seconds (300).
 set -euo pipefail
-PACKAGES=(chromium chromium-driver jq kubectl prometheus tcpdump iproute2)
+PACKAGES=(chromium chromium-driver jq kubectl prometheus tcpdump iproute2 podman runc debootstrap)
 LOCK_TIMEOUT_S=${GLM_APT_LOCK_TIMEOUT:-300}
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }

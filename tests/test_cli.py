@@ -29,6 +29,13 @@ def test_help_runs_as_a_process():
     assert "--router" in out and "--model" in out and "--device" in out
 
 
+def test_version_is_the_installed_package_version():
+    from importlib.metadata import version
+
+    out = subprocess.run([sys.executable, "-m", "launch.cli", "--version"], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"glm-image-serve {version('glm-image-serve')}"
+
+
 @pytest.mark.parametrize(
     "arg,devices,engine,expected",
     [

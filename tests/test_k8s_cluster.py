@@ -6,15 +6,25 @@ of a bridged network, with the Services resolving through /etc/hosts. A client h
 the router pods. Then what a cluster does to a deployment: scale the DiT Deployment up and down,
 kill a router pod and bring a new one, SIGKILL an AR pod mid-request, and let a rogue "worker" with
 no valid CURVE key try to join.
+
+Each container runs from the image the overlay names (deploy/docker/build.sh's, built or brought up
+to date by tests/test_container_image.py's build): `podman run` in the pod's network namespace, with
+the pod's /etc/hosts, its env, args and volumes, and its securityContext (runAsUser/runAsGroup,
+fsGroup, read-only root, capabilities dropped, no privilege escalation). GLM_K8S_REPLAY_FROM=checkout
+runs the containers' commands from this checkout's .venv instead (no podman, no image build).
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
+import os
 import signal
+import subprocess
 import sys
 import threading
+import uuid
 from pathlib import Path
 
 import pytest
@@ -23,8 +33,13 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.k8s_render import render_overlay
-from tests.k8s_replay import ManifestReplay, ReplayedPod
+from tests.k8s_replay import ManifestReplay, ReplayedPod, expand
 from tests.netns_lab import Host, NetworkLab, wait_until
+from tests.test_container_image import built_cpu_image, podman, podman_run_opts
+
+# The cluster fixture builds the image first (tests/test_container_image.py): ~6 min the first time on
+# 2 busy cores, counted against the first test's timeout.
+pytestmark = pytest.mark.timeout(1800)
 
 ROUTER, AR, DIT = "glm-image-router", "glm-image-ar", "glm-image-dit"
 HTTP_PORT, METRICS_PORT = 8000, 9100
@@ -78,6 +93,94 @@ class Deployment:
         return reply.json()
 
 
+class PodmanContainer:
+    """A container run by `podman run` in the foreground, behind the part of subprocess.Popen the replay
+    uses: its exit status is the container's, and signals go to the container's main process (a SIGKILL
+    of the podman client would leave the container running)."""
+
+    def __init__(self, proc: subprocess.Popen, name: str):
+        self.proc, self.name = proc, name
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            subprocess.run([podman(), "kill", "--signal", str(int(sig)), self.name], capture_output=True)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class ImageReplay(ManifestReplay):
+    """The replay with every container run from `image` by podman, as a kubelet with a container runtime would."""
+
+    def __init__(self, objects: list[dict], lab: NetworkLab, workdir: Path, image: str):
+        super().__init__(objects, lab, workdir, bin_dir=Path("/nonexistent"))
+        self.image = image
+        self.names: list[str] = []
+
+    def _start_container(self, pod: ReplayedPod, container: dict, volumes: dict[str, Path], spec: dict):
+        env = self._env(pod, container)
+        for image_owned in ("PATH", "HOSTNAME"):  # the image's PATH; podman sets the hostname
+            env.pop(image_owned, None)
+        command = [expand(a, env) for a in container.get("command", [])]
+        args = [expand(a, env) for a in container.get("args", [])]
+        pod_security = spec.get("securityContext", {})
+        security = {**pod_security, **container.get("securityContext", {})}
+        name = f"{pod.name}-{container['name']}-{uuid.uuid4().hex[:6]}"
+        self.names.append(name)
+        argv = [podman(), "run", "--rm", "--name", name, *podman_run_opts(),
+                "--network", f"ns:/run/netns/{pod.host.ns}", "--hostname", pod.name,
+                # The lab's Service records, rewritten in place as pods come and go.
+                "--no-hosts", "--volume", f"/etc/netns/{pod.host.ns}/hosts:/etc/hosts:ro"]
+        if "runAsUser" in security:
+            argv += ["--user", f"{security['runAsUser']}:{security.get('runAsGroup', security['runAsUser'])}"]
+        if "fsGroup" in pod_security:
+            argv += ["--group-add", str(pod_security["fsGroup"])]
+        if security.get("readOnlyRootFilesystem"):
+            argv += ["--read-only", "--read-only-tmpfs=false"]  # writable: the mounted volumes only
+        if security.get("allowPrivilegeEscalation") is False:
+            argv += ["--security-opt", "no-new-privileges"]
+        for cap in security.get("capabilities", {}).get("drop", []):
+            argv += ["--cap-drop", cap]
+        empty_dirs = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v}
+        for mount in container.get("volumeMounts", []):
+            source = volumes[mount["name"]]
+            if mount["name"] in empty_dirs:
+                os.chmod(source, 0o1777)  # an emptyDir is writable by the pod's user, whoever that is
+            if mount.get("subPath"):
+                source = source / mount["subPath"]
+            argv += ["--volume", f"{source}:{mount['mountPath']}:{'ro' if mount.get('readOnly') else 'rw'}"]
+        for key, value in env.items():
+            argv += ["--env", f"{key}={value}"]
+        if command:
+            argv += ["--entrypoint", json.dumps(command)]
+        if container.get("workingDir"):
+            argv += ["--workdir", container["workingDir"]]
+        log = self.workdir / pod.name / f"{container['name']}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        pod.logs[container["name"]] = log
+        with open(log, "ab") as out:
+            proc = subprocess.Popen([*argv, self.image, *args], stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        started = PodmanContainer(proc, name)
+        pod.host.processes.append(started)  # the lab kills what still runs on a host it removes
+        return started
+
+    def close(self) -> None:
+        """Remove any container a failed test left behind."""
+        if self.names:
+            subprocess.run([podman(), "rm", "--force", "--ignore", "--time", "5", *self.names], capture_output=True)
+
+
 def _api_key(replay: ManifestReplay) -> str:
     """The first key of the Secret the router pods mount as their API-key file."""
     template = replay.deployment(ROUTER)["spec"]["template"]["spec"]
@@ -93,8 +196,16 @@ def _api_key(replay: ManifestReplay) -> str:
 def cluster(tmp_path_factory):
     work = tmp_path_factory.mktemp("k8s")
     objects = render_overlay("tiny-cpu", work / "render")
+    from_checkout = os.environ.get("GLM_K8S_REPLAY_FROM") == "checkout"
+    image = None if from_checkout else built_cpu_image()
     with NetworkLab() as lab:
-        replay = ManifestReplay(objects, lab, work / "pods", bin_dir=Path(sys.executable).parent)
+        if from_checkout:
+            replay = ManifestReplay(objects, lab, work / "pods", bin_dir=Path(sys.executable).parent)
+        else:
+            # The tag the overlay's pods name (tests/test_k8s_manifests.py checks it is build.sh's).
+            assert {c["image"] for o in objects if o["kind"] == "Deployment"
+                    for c in o["spec"]["template"]["spec"]["containers"]} == {image}
+            replay = ImageReplay(objects, lab, work / "pods", image)
         client = lab.add_host("client")
         routers = [replay.start_pod(ROUTER, wait_ready=False)
                    for _ in range(replay.deployment(ROUTER)["spec"]["replicas"])]
@@ -110,6 +221,23 @@ def cluster(tmp_path_factory):
         finally:
             for pod in list(replay.pods):
                 replay.delete_pod(pod, signal.SIGKILL)
+            if isinstance(replay, ImageReplay):
+                replay.close()
+
+
+def test_every_pod_runs_from_the_image_as_its_security_context_says(cluster):
+    replay = cluster.replay
+    if not isinstance(replay, ImageReplay):
+        pytest.skip("GLM_K8S_REPLAY_FROM=checkout: the pods run from this checkout, not the image")
+    for pod in replay.pods:
+        for container in pod.containers.values():
+            shown = subprocess.run([podman(), "container", "inspect", "--format",
+                                    "{{.ImageName}} {{.Config.User}} {{.HostConfig.ReadonlyRootfs}} {{.HostConfig.CapDrop}}",
+                                    container.name], capture_output=True, text=True)
+            assert shown.returncode == 0, shown.stderr
+            image, user, read_only, dropped = shown.stdout.strip().split(" ", 3)
+            assert image.endswith(replay.image) and user == "10001:10001" and read_only == "true", (pod.name, shown.stdout)
+            assert "CAP_NET_RAW" in dropped and "CAP_CHOWN" in dropped, (pod.name, dropped)
 
 
 def test_images_at_several_sizes_through_either_router(cluster):

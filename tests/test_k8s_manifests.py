@@ -549,12 +549,22 @@ def test_the_dockerfile_installs_setup_envs_pins_and_runs_glm_image_serve_as_non
     # What it copies exists, and the build context lets it through (.dockerignore is an allow-list).
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     assert ignore[[i for i, line in enumerate(ignore) if line and not line.startswith("#")][0]] == "*"
-    for source in re.findall(r"^COPY (\S+)", dockerfile, re.M):
+    for source in re.findall(r"^COPY (?!--from=)(\S+)", dockerfile, re.M):  # --from copies between stages
         assert (ROOT / source).exists(), source
         assert f"!{source}" in ignore, f"{source} is copied but .dockerignore keeps it out"
     # The manifests' user is the image's user.
     ids = [int(n) for path in (K8S / "base").glob("*.yaml") for n in re.findall(r"(?:runAsUser|runAsGroup|fsGroup): (\d+)", path.read_text())]
     assert ids and set(ids) == {10001}
+
+
+def test_every_container_runs_the_image_build_sh_tags_for_the_overlay(rendered):
+    # tiny-cpu runs the CPU image, gpu the CUDA one: exactly what deploy/docker/build.sh --variant X tags.
+    variant = {"tiny-cpu": "cpu", "gpu": "cuda"}[rendered.overlay]
+    tag = subprocess.run([str(ROOT / "deploy" / "docker" / "build.sh"), "--variant", variant, "--print-tag"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    for name, spec, _ in rendered.pods():
+        for container in _containers(spec):
+            assert container["image"] == tag, f"{rendered.overlay}: {name}/{container['name']} runs {container['image']}, build.sh makes {tag}"
 
 
 def test_no_keys_are_committed_and_operator_secrets_are_ignored():

@@ -146,57 +146,66 @@ REAL_SHAPE_STAGES = {
 }
 
 
+# One math thread in the workers and in the reference: CPU reductions depend on the thread count.
+WORKER_THREADS = 1
+CONDITIONS = {"t2i": [], "i2i": [noise_png(256, 256, seed=5)]}
+
+
 @pytest.fixture(scope="module")
-def real_cluster(real_shape_model, tmp_path_factory, ar_engines, loop):
-    # The AR engines above are done by now: free their memory (~9 GB) before the workers load.
+def expected_images(real_shape_model, ar_engines, loop) -> dict:
+    """`GlmImagePipeline` in this process, text-to-image and image-to-image, before the cluster starts.
+
+    In float32 the pipeline (~6 GB) and the AR + DiT workers (~6 GB) would together be this module's
+    peak beside the rest of the suite; one after the other they never hold memory at the same time."""
+    # The AR engines above are done by now: free their memory (~10 GB) first.
     loop.run_until_complete(ar_engines[0].shutdown())
     ar_engines.clear()
     gc.collect()
-    workdir = tmp_path_factory.mktemp("real-shape-cluster")
-    config = write_stage_config(workdir, REAL_SHAPE_STAGES)
-    with Cluster(model=real_shape_model, workdir=workdir, stage_config=config, model_name="glm-image-real-shape",
-                 start_timeout=600) as cluster:
-        yield cluster
+    previous = torch.get_num_threads()
+    torch.set_num_threads(WORKER_THREADS)
+    try:
+        pipe = GlmImagePipeline.from_pretrained(str(real_shape_model), dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        images = {
+            kind: pipe(
+                prompt=PROMPT,
+                image=[open_image(c).convert("RGB") for c in cond] or None,
+                height=SIZE.height,
+                width=SIZE.width,
+                num_inference_steps=STEPS,
+                guidance_scale=1.5,
+                generator=torch.Generator().manual_seed(21),
+            ).images[0]
+            for kind, cond in CONDITIONS.items()
+        }
+    finally:
+        torch.set_num_threads(previous)
+    del pipe
+    gc.collect()
+    return images
 
 
 @pytest.fixture(scope="module")
-def reference_pipeline(real_shape_model, real_cluster):
-    """In-process reference at the workers' math thread count (CPU reductions depend on it)."""
-    threads = int(real_cluster.env.get("OMP_NUM_THREADS", torch.get_num_threads()))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    pipe = GlmImagePipeline.from_pretrained(str(real_shape_model), dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    yield pipe
-    torch.set_num_threads(previous)
-
-
-def _serve(url: str, cond: list[bytes]) -> httpx.Response:
-    if cond:
-        files = [("image", ("c.png", cond[0], "image/png"))]
-        form = {"prompt": PROMPT, "size": "256x256", "seed": "21", "num_inference_steps": str(STEPS)}
-        return httpx.post(f"{url}/v1/images/edits", data=form, files=files, timeout=600)
-    return generate(url, 21, prompt=PROMPT, size="256x256", steps=STEPS, timeout=600)
+def real_cluster(real_shape_model, tmp_path_factory, expected_images):
+    workdir = tmp_path_factory.mktemp("real-shape-cluster")
+    config = write_stage_config(workdir, REAL_SHAPE_STAGES)
+    threads = {"OMP_NUM_THREADS": str(WORKER_THREADS), "MKL_NUM_THREADS": str(WORKER_THREADS)}
+    with Cluster(model=real_shape_model, workdir=workdir, stage_config=config, model_name="glm-image-real-shape",
+                 start_timeout=600, env=threads) as cluster:
+        yield cluster
 
 
 @pytest.mark.parametrize("kind", ["t2i", "i2i"])
-def test_served_image_equals_glm_image_pipeline(real_cluster, reference_pipeline, kind):
-    cond = [noise_png(256, 256, seed=5)] if kind == "i2i" else []
-    # The served request computes in the workers while the reference computes here, each on one
-    # thread: they share nothing, so the test takes the longer of the two rather than their sum.
-    with ThreadPoolExecutor(1) as pool:
-        served = pool.submit(_serve, real_cluster.url, cond)
-        expected = reference_pipeline(
-            prompt=PROMPT,
-            image=[open_image(c).convert("RGB") for c in cond] or None,
-            height=SIZE.height,
-            width=SIZE.width,
-            num_inference_steps=STEPS,
-            guidance_scale=1.5,
-            generator=torch.Generator().manual_seed(21),
-        ).images[0]
-        response = served.result()
+def test_served_image_equals_glm_image_pipeline(real_cluster, expected_images, kind):
+    cond = CONDITIONS[kind]
+    if cond:
+        files = [("image", ("c.png", cond[0], "image/png"))]
+        form = {"prompt": PROMPT, "size": "256x256", "seed": "21", "num_inference_steps": str(STEPS)}
+        response = httpx.post(f"{real_cluster.url}/v1/images/edits", data=form, files=files, timeout=600)
+    else:
+        response = generate(real_cluster.url, 21, prompt=PROMPT, size="256x256", steps=STEPS, timeout=600)
     assert response.status_code == 200, response.text
     got = b64_image(response.json()["data"][0]["b64_json"])
+    expected = expected_images[kind]
     assert got.size == expected.size
     np.testing.assert_array_equal(np.asarray(got.convert("RGB")), np.asarray(expected.convert("RGB")))

@@ -10,8 +10,7 @@ no valid CURVE key try to join.
 Each container runs from the image the overlay names (deploy/docker/build.sh's, built or brought up
 to date by tests/test_container_image.py's build): `podman run` in the pod's network namespace, with
 the pod's /etc/hosts, its env, args and volumes, and its securityContext (runAsUser/runAsGroup,
-fsGroup, read-only root, capabilities dropped, no privilege escalation). GLM_K8S_REPLAY_FROM=checkout
-runs the containers' commands from this checkout's .venv instead (no podman, no image build).
+fsGroup, read-only root, capabilities dropped, no privilege escalation).
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import uuid
 from pathlib import Path
@@ -196,16 +194,12 @@ def _api_key(replay: ManifestReplay) -> str:
 def cluster(tmp_path_factory):
     work = tmp_path_factory.mktemp("k8s")
     objects = render_overlay("tiny-cpu", work / "render")
-    from_checkout = os.environ.get("GLM_K8S_REPLAY_FROM") == "checkout"
-    image = None if from_checkout else built_cpu_image()
+    image = built_cpu_image()
     with NetworkLab() as lab:
-        if from_checkout:
-            replay = ManifestReplay(objects, lab, work / "pods", bin_dir=Path(sys.executable).parent)
-        else:
-            # The tag the overlay's pods name (tests/test_k8s_manifests.py checks it is build.sh's).
-            assert {c["image"] for o in objects if o["kind"] == "Deployment"
-                    for c in o["spec"]["template"]["spec"]["containers"]} == {image}
-            replay = ImageReplay(objects, lab, work / "pods", image)
+        # The tag the overlay's pods name (tests/test_k8s_manifests.py checks it is build.sh's).
+        assert {c["image"] for o in objects if o["kind"] == "Deployment"
+                for c in o["spec"]["template"]["spec"]["containers"]} == {image}
+        replay = ImageReplay(objects, lab, work / "pods", image)
         client = lab.add_host("client")
         routers = [replay.start_pod(ROUTER, wait_ready=False)
                    for _ in range(replay.deployment(ROUTER)["spec"]["replicas"])]
@@ -221,14 +215,11 @@ def cluster(tmp_path_factory):
         finally:
             for pod in list(replay.pods):
                 replay.delete_pod(pod, signal.SIGKILL)
-            if isinstance(replay, ImageReplay):
-                replay.close()
+            replay.close()
 
 
 def test_every_pod_runs_from_the_image_as_its_security_context_says(cluster):
     replay = cluster.replay
-    if not isinstance(replay, ImageReplay):
-        pytest.skip("GLM_K8S_REPLAY_FROM=checkout: the pods run from this checkout, not the image")
     for pod in replay.pods:
         for container in pod.containers.values():
             shown = subprocess.run([podman(), "container", "inspect", "--format",

@@ -51,6 +51,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _state(pid: int) -> str:
+    """A process's state letter and the kernel function it waits in (`gone` once it has exited)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0]
+        return f"{state} in {Path(f'/proc/{pid}/wchan').read_text() or '-'}"
+    except (FileNotFoundError, IndexError, ProcessLookupError):
+        return "gone"
+
+
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> dict[str, int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -82,7 +91,12 @@ def test_interrupting_pytest_stops_every_cluster_process(tiny_model, tmp_path, h
             os.killpg(inner.pid, signal.SIGINT)
         else:
             inner.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
-        inner.wait(timeout=STOP_BOUND_S)
+        try:
+            inner.wait(timeout=STOP_BOUND_S)
+        except subprocess.TimeoutExpired:
+            states = {name: _state(pid) for name, pid in {"pytest": inner.pid, **pids}.items()}
+            raise AssertionError(f"pytest still running {STOP_BOUND_S:.0f} s after {how}; its cluster: {states}\n"
+                                 f"{(tmp_path / 'inner.log').read_text()[-3000:]}") from None
         deadline = time.monotonic() + STOP_BOUND_S
         while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -281,17 +282,32 @@ def test_ctrl_c_stops_the_workers(tiny_model, tmp_path):
         [sys.executable, "-m", "launch.cli", "generate", *offline_flags(tiny_model), "-p", "a red cube",
          "--size", "2048x2048", "--steps", "50", "-o", str(tmp_path / "x.png")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
-    try:
+    lines: list[str] = []
+    running = threading.Event()
+
+    def read_stderr() -> None:
+        # Read to the end: a pipe nobody drains fills up (64 KiB) and blocks the CLI and its workers' logging.
         for line in process.stderr:
+            lines.append(line)
             if "AR tokens" in line:  # the request runs
-                break
+                running.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        assert running.wait(timeout=600), "".join(lines)[-4000:]
         workers = children(process.pid)
         assert len(workers) == 2, workers
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 130
+        try:
+            status = process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("still running 60 s after Ctrl-C:\n" + "".join(lines)[-4000:]) from None
+        assert status == 130, "".join(lines)[-4000:]
     finally:
         if process.poll() is None:
             process.kill()
+        reader.join(timeout=30)
     wait_gone(workers, timeout=30)
     assert not (tmp_path / "x.png").exists()
 

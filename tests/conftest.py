@@ -124,6 +124,12 @@ def pytest_configure(config: pytest.Config) -> None:
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, interrupt)
+    # A run started in the background (`tests/run_tests.sh &` in a script) inherits SIGINT ignored, and
+    # so would every process it starts: a Python started with SIGINT ignored never raises
+    # KeyboardInterrupt, and the tests that press Ctrl-C on a child would wait in vain. With a handler
+    # here, Ctrl-C works in this process and exec gives the children the default, as in a terminal.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

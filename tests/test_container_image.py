@@ -81,7 +81,7 @@ def _tree_files() -> list[str]:
 
 
 def _clean_copy(dest: Path, files: list[str]) -> Path:
-    """`files` copied to `dest` with their modification times, so podman's layer cache sees no change."""
+    """`files` copied to `dest` (podman keys its cached layers on contents: a fresh clone reuses them)."""
     if dest.exists():
         shutil.rmtree(dest)
     for name in files:

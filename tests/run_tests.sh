@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: install the system packages the tests need, set up (or refresh) the virtual
-# environment from the project's files, then run the suite on three processes (pytest-xdist) and
-# print the 25 slowest tests.
+# environment from the project's files (and, for the full tier, the container image the tests run),
+# then run the suite on three processes (pytest-xdist) and print the 25 slowest tests.
 #   ./tests/run_tests.sh              the whole suite (full tier)
 #   ./tests/run_tests.sh --quick      the quick tier: modules marked `quick`, less tests marked `slow`
 #   ./tests/run_tests.sh ARGS...      ARGS go to pytest, e.g. tests/test_e2e.py -x, or -n 0 to run serially
@@ -29,5 +29,11 @@ for arg in "${args[@]+"${args[@]}"}"; do
     tests|tests/*) paths=() ;;
   esac
 done
+# The whole full tier: the container image its tests run is built (or found up to date) first, as
+# set-up: a first build takes minutes, which beside the tests would slow them and be slowed by them.
+# Should it fail, tests/test_container_image.py fails with the build's output.
+if [ ${#tier[@]} -eq 0 ] && [ ${#paths[@]} -gt 0 ]; then
+  "$VENV/bin/python" -m tests.container_build || echo "run_tests.sh: the container image did not build; its tests will say why" >&2
+fi
 exec "$VENV/bin/python" -m pytest -n "${GLM_TEST_WORKERS:-3}" --dist loadscope --durations 25 \
   "${tier[@]+"${tier[@]}"}" "${paths[@]+"${paths[@]}"}" "${args[@]+"${args[@]}"}"

@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.k8s_render import render_overlay
 from tests.k8s_replay import ManifestReplay, ReplayedPod, expand
 from tests.netns_lab import Host, NetworkLab, wait_until
-from tests.test_container_image import built_cpu_image, podman, podman_run_opts
+from tests.container_build import built_cpu_image, podman, podman_run_opts
 
 # The cluster fixture builds the image first (tests/test_container_image.py): ~6 min the first time on
 # 2 busy cores, counted against the first test's timeout.

@@ -2,7 +2,7 @@
 # The one prepared device check (issue 17): the whole system at the released model's full size on
 # one GPU, random weights initialised on the device, ~8 minutes on one H200. What it runs and
 # measures: bench/gpu_check.py; how to call it through the device tool: docs/benchmarks.md,
-# "GPU check (pending)".
+# "GPU check".
 #
 #   bench/gpu_check.sh --wheels .whl                       # on the GPU machine: results in $OUT
 #   bench/gpu_check.sh --device cpu --depth small --out /tmp/check   # its logic, on a CPU

@@ -18,7 +18,7 @@ import argparse
 import os
 import re
 import sys
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import NoReturn
 
@@ -60,6 +60,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default=str(DEFAULT_STAGE_CONFIG),
         help="stage config YAML (stages, devices, engine args, sampling defaults, limits, bus timing); default: %(default)s",
     )
+
+
+def _project_version() -> str:
+    """The installed package's version; from pyproject.toml when run from a checkout that was never
+    installed (`python -m launch.cli` with the tree on PYTHONPATH, as bench/gpu_check.sh does)."""
+    try:
+        return version("glm-image-serve")
+    except PackageNotFoundError:
+        import tomllib
+
+        with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as f:
+            return tomllib.load(f)["project"]["version"]
 
 
 def _env_path(name: str) -> str | None:
@@ -182,7 +194,7 @@ def _add_launch(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="glm-image-serve", description="Disaggregated GLM-Image serving.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version('glm-image-serve')}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_project_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     launch = sub.add_parser("launch", help="run a router and N AR + M DiT workers on this machine, supervised: "

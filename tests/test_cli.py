@@ -36,6 +36,23 @@ def test_version_is_the_installed_package_version():
     assert out.strip() == f"glm-image-serve {version('glm-image-serve')}"
 
 
+def test_an_uninstalled_checkout_starts_and_reads_its_version_from_pyproject(monkeypatch):
+    """bench/gpu_check.sh runs `python -m launch.cli` from a checkout with no package metadata (the
+    GPU machine): building the parser must not need it (it crashed the launcher there)."""
+    import tomllib
+    from importlib.metadata import PackageNotFoundError
+
+    from launch import cli
+
+    def not_installed(name):
+        raise PackageNotFoundError(name)
+
+    monkeypatch.setattr(cli, "version", not_installed)
+    pyproject = tomllib.loads((Path(cli.__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert cli._project_version() == pyproject["project"]["version"]
+    assert cli.build_parser().parse_args(["ar-worker", "--router", "tcp://127.0.0.1:5570"]).command == "ar-worker"
+
+
 @pytest.mark.parametrize(
     "arg,devices,engine,expected",
     [

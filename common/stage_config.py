@@ -68,6 +68,9 @@ class AREngineArgs(_ModelDtype):
     max_num_seqs: int = Field(1, ge=1)
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    # vLLM only: the KV cache's size in bytes, instead of a share of the device's memory (on CPU
+    # also the only way below vLLM's 1 GiB steps; a model of known size needs no more).
+    kv_cache_memory_bytes: int | None = Field(None, ge=1)
     max_model_len: int | None = Field(None, ge=1)
     enforce_eager: bool = False
 

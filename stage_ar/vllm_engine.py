@@ -93,6 +93,7 @@ class VllmAREngine(AREngine):
             dtype=engine_args.dtype,
             tensor_parallel_size=engine_args.tensor_parallel_size,
             gpu_memory_utilization=engine_args.gpu_memory_utilization,
+            kv_cache_memory_bytes=engine_args.kv_cache_memory_bytes,
             max_num_seqs=engine_args.max_num_seqs,
             max_model_len=engine_args.max_model_len,
             enforce_eager=engine_args.enforce_eager,

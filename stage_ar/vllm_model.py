@@ -43,6 +43,7 @@ from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
+    UnquantizedEmbeddingMethod,
     VocabParallelEmbedding,
 )
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
@@ -164,6 +165,18 @@ class GlmImageTextDecoderLayer(nn.Module):
         return hidden_states, residual
 
 
+class _LookupOnlyEmbeddingMethod(UnquantizedEmbeddingMethod):
+    """The input embedding as a table that is only looked up.
+
+    On CPU, vLLM also packs every unquantized embedding as a oneDNN GEMM weight, for models whose
+    lm_head is tied to it. GLM-Image's lm_head is its own (vision-vocabulary) matrix, so that packed
+    copy of the 168064 x 4096 table would only cost memory (as much as the table: 1.3 GiB in
+    bfloat16) and seconds of engine start."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        pass
+
+
 @support_torch_compile(
     dynamic_arg_dims={"input_ids": 0, "positions": -1, "inputs_embeds": 0}
 )
@@ -172,7 +185,7 @@ class GlmImageTextModel(nn.Module):
         super().__init__()
         config = vllm_config.model_config.hf_config.text_config
         self.embed_tokens = VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size
+            config.vocab_size, config.hidden_size, quant_method=_LookupOnlyEmbeddingMethod()
         )
         self.layers = nn.ModuleList(
             GlmImageTextDecoderLayer(

@@ -255,7 +255,7 @@ def test_vllm_engine_uses_dummy_weights_for_a_folder_without_weights(tiny_random
     loop = asyncio.new_event_loop()
 
     async def start():
-        args = AREngineArgs(dtype="float32", max_num_seqs=2, gpu_memory_utilization=0.05, enforce_eager=True)
+        args = AREngineArgs(dtype="float32", max_num_seqs=2, kv_cache_memory_bytes=64 << 20, enforce_eager=True)
         return VllmAREngine(tiny_random, args, "cpu")
 
     engine = loop.run_until_complete(start())

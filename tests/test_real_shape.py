@@ -95,13 +95,12 @@ def ar_engines(real_shape_model, loop):
     from stage_ar.transformers_engine import TransformersAREngine
     from stage_ar.vllm_engine import VllmAREngine
 
-    args = AREngineArgs(dtype="float32", max_num_seqs=2, enforce_eager=True, max_model_len=4096)
-    with pytest.MonkeyPatch.context() as env:
-        # A fixed 1 GiB KV cache (one layer, 2 KV heads: ~2 KB a token) instead of a share of RAM,
-        # which would have to cover the ~4 GB float32 weights too. vLLM's process inherits it.
-        env.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-        engines = [loop.run_until_complete(_in_loop(lambda: VllmAREngine(real_shape_model, args, "cpu"))),
-                   TransformersAREngine(real_shape_model, AREngineArgs(dtype="float32"), "cpu")]
+    # A KV cache of known size (one layer, 2 KV heads of 128: 2 KiB a token in float32, 32768 tokens)
+    # instead of a share of RAM, which would have to cover the ~4 GB float32 weights too.
+    args = AREngineArgs(dtype="float32", max_num_seqs=2, enforce_eager=True, max_model_len=4096,
+                        kv_cache_memory_bytes=64 << 20)
+    engines = [loop.run_until_complete(_in_loop(lambda: VllmAREngine(real_shape_model, args, "cpu"))),
+               TransformersAREngine(real_shape_model, AREngineArgs(dtype="float32"), "cpu")]
     # No local names for the engines: `real_cluster` empties the list to free them.
     yield engines
     if engines:

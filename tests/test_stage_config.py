@@ -42,6 +42,8 @@ def _write(tmp_path, mutate):
         (lambda r: r["stage_args"][0].update(engine="tensorrt"), "stage_args.0.engine"),
         (lambda r: r["stage_args"][1]["default_sampling_params"].update(num_inference_steps=0), "num_inference_steps"),
         (lambda r: r["limits"].update(min_side=4096), "min_side 4096 exceeds max_side"),
+        (lambda r: r["stage_args"][0]["engine_args"].update(kv_cache_memory_bytes=0),
+         "stage_args.0.engine_args.kv_cache_memory_bytes"),
         (lambda r: r.update(stage_args=r["stage_args"][:1]), "stage_args"),
         # The DiT runs one job per worker: a batch size there would be a knob that does nothing.
         (lambda r: r["stage_args"][1]["engine_args"].update(max_num_seqs=4), "stage_args.1.engine_args.max_num_seqs: unknown key"),
@@ -77,6 +79,7 @@ def test_fingerprint_covers_what_router_and_workers_share(tmp_path):
     assert not differs(lambda r: r.update(model="/elsewhere/GLM-Image"))
     assert not differs(lambda r: r["stage_args"][0].update(engine="vllm"))
     assert not differs(lambda r: r["stage_args"][0]["engine_args"].update(max_num_seqs=8, gpu_memory_utilization=0.5))
+    assert not differs(lambda r: r["stage_args"][0]["engine_args"].update(kv_cache_memory_bytes=1 << 30))
     # The shipped GPU config is not the tiny CPU one: a worker started with it is refused.
     assert load_stage_config(Path(CONFIGS[0]).parent / "glm_image.yaml").fingerprint() != base
 

@@ -30,6 +30,7 @@ MIN_DISTINCT_IDS = 50
 MAX_ID_SHARE = 0.2
 
 PROMPT = "a red fox in the snow"
+KV_CACHE_BYTES = 64 << 20  # 131072 tokens of the tiny model (512 B each): plenty
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def _start_engine(loop, model, max_num_seqs: int = 16):
         args = AREngineArgs(
             dtype="float32",
             max_num_seqs=max_num_seqs,
-            gpu_memory_utilization=0.05,  # of RAM on CPU: ~1.2 GiB, plenty for the tiny model
+            kv_cache_memory_bytes=KV_CACHE_BYTES,
             enforce_eager=True,
         )
         return VllmAREngine(model, args, "cpu")
@@ -121,6 +122,14 @@ def test_tiny_model_greedy_output_varies_with_position(loop, transformers_engine
     out = loop.run_until_complete(transformers_engine.generate(req))
     distinct, share = distinct_share(out.generated_token_ids)
     assert distinct >= MIN_DISTINCT_IDS and share <= MAX_ID_SHARE, (distinct, share)
+
+
+def test_kv_cache_is_the_configured_size(engine, tiny_model):
+    """`kv_cache_memory_bytes` reaches vLLM: its cache holds exactly that many bytes of K and V."""
+    text = json.loads((tiny_model / "vision_language_encoder" / "config.json").read_text())["text_config"]
+    bytes_per_token = text["num_hidden_layers"] * 2 * text["num_key_value_heads"] * text["head_dim"] * 4  # float32
+    cache = engine._engine.vllm_config.cache_config
+    assert cache.num_gpu_blocks * cache.block_size == KV_CACHE_BYTES // bytes_per_token
 
 
 # 512x512: preview and target grids of the same shape; the others: different shapes, both ways.

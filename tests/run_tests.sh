@@ -6,7 +6,7 @@
 #   ./tests/run_tests.sh --quick      the quick tier: modules marked `quick`, less tests marked `slow`
 #   ./tests/run_tests.sh ARGS...      ARGS go to pytest, e.g. tests/test_e2e.py -x, or -n 0 to run serially
 # GLM_TEST_WORKERS sets the number of pytest processes (default 3: tests wait on processes and
-# sockets much of the time, so three keep two cores busier than two; memory in use peaks ~18 GiB).
+# sockets much of the time, so three keep two cores busier than two; memory in use peaks ~15 GiB).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$ROOT/tests/setup_system_packages.sh"

@@ -151,41 +151,41 @@ CONDITIONS = {"t2i": [], "i2i": [noise_png(256, 256, seed=5)]}
 
 
 @pytest.fixture(scope="module")
-def expected_images(real_shape_model, ar_engines, loop) -> dict:
-    """`GlmImagePipeline` in this process, text-to-image and image-to-image, before the cluster starts.
+def reference_pipeline(real_shape_model, ar_engines, loop) -> GlmImagePipeline:
+    """`GlmImagePipeline` in this process, in float32 (~6 GB), once the AR engines above are freed.
 
-    In float32 the pipeline (~6 GB) and the AR + DiT workers (~6 GB) would together be this module's
-    peak beside the rest of the suite; one after the other they never hold memory at the same time."""
-    # The AR engines above are done by now: free their memory (~10 GB) first.
+    It runs beside the cluster below (~6 GB more): each test computes its expected image here while
+    the cluster serves the same request, on the other core when one is free."""
+    # The AR engines above are done by now: free their memory (~9 GB) first.
     loop.run_until_complete(ar_engines[0].shutdown())
     ar_engines.clear()
     gc.collect()
+    pipe = GlmImagePipeline.from_pretrained(str(real_shape_model), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    yield pipe
+    del pipe
+    gc.collect()
+
+
+def _expected_image(pipe: GlmImagePipeline, kind: str):
     previous = torch.get_num_threads()
     torch.set_num_threads(WORKER_THREADS)
     try:
-        pipe = GlmImagePipeline.from_pretrained(str(real_shape_model), dtype=torch.float32)
-        pipe.set_progress_bar_config(disable=True)
-        images = {
-            kind: pipe(
-                prompt=PROMPT,
-                image=[open_image(c).convert("RGB") for c in cond] or None,
-                height=SIZE.height,
-                width=SIZE.width,
-                num_inference_steps=STEPS,
-                guidance_scale=1.5,
-                generator=torch.Generator().manual_seed(21),
-            ).images[0]
-            for kind, cond in CONDITIONS.items()
-        }
+        return pipe(
+            prompt=PROMPT,
+            image=[open_image(c).convert("RGB") for c in CONDITIONS[kind]] or None,
+            height=SIZE.height,
+            width=SIZE.width,
+            num_inference_steps=STEPS,
+            guidance_scale=1.5,
+            generator=torch.Generator().manual_seed(21),
+        ).images[0]
     finally:
         torch.set_num_threads(previous)
-    del pipe
-    gc.collect()
-    return images
 
 
 @pytest.fixture(scope="module")
-def real_cluster(real_shape_model, tmp_path_factory, expected_images):
+def real_cluster(real_shape_model, tmp_path_factory, reference_pipeline):
     workdir = tmp_path_factory.mktemp("real-shape-cluster")
     config = write_stage_config(workdir, REAL_SHAPE_STAGES)
     threads = {"OMP_NUM_THREADS": str(WORKER_THREADS), "MKL_NUM_THREADS": str(WORKER_THREADS)}
@@ -195,16 +195,20 @@ def real_cluster(real_shape_model, tmp_path_factory, expected_images):
 
 
 @pytest.mark.parametrize("kind", ["t2i", "i2i"])
-def test_served_image_equals_glm_image_pipeline(real_cluster, expected_images, kind):
-    cond = CONDITIONS[kind]
-    if cond:
-        files = [("image", ("c.png", cond[0], "image/png"))]
-        form = {"prompt": PROMPT, "size": "256x256", "seed": "21", "num_inference_steps": str(STEPS)}
-        response = httpx.post(f"{real_cluster.url}/v1/images/edits", data=form, files=files, timeout=600)
-    else:
-        response = generate(real_cluster.url, 21, prompt=PROMPT, size="256x256", steps=STEPS, timeout=600)
+def test_served_image_equals_glm_image_pipeline(real_cluster, reference_pipeline, kind):
+    def serve() -> httpx.Response:
+        if CONDITIONS[kind]:
+            files = [("image", ("c.png", CONDITIONS[kind][0], "image/png"))]
+            form = {"prompt": PROMPT, "size": "256x256", "seed": "21", "num_inference_steps": str(STEPS)}
+            return httpx.post(f"{real_cluster.url}/v1/images/edits", data=form, files=files, timeout=600)
+        return generate(real_cluster.url, 21, prompt=PROMPT, size="256x256", steps=STEPS, timeout=600)
+
+    # The cluster serves while this process computes the reference: the longer of the two, not their sum.
+    with ThreadPoolExecutor(1) as pool:
+        served = pool.submit(serve)
+        expected = _expected_image(reference_pipeline, kind)
+        response = served.result()
     assert response.status_code == 200, response.text
     got = b64_image(response.json()["data"][0]["b64_json"])
-    expected = expected_images[kind]
     assert got.size == expected.size
     np.testing.assert_array_equal(np.asarray(got.convert("RGB")), np.asarray(expected.convert("RGB")))

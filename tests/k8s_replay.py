@@ -124,13 +124,14 @@ class ManifestReplay:
             self.wait_ready(pod, ready_timeout_s)
         return pod
 
-    def wait_ready(self, pod: ReplayedPod, timeout_s: float = 240) -> None:
-        def ready() -> bool:
+    def wait_ready(self, pod: ReplayedPod, timeout_s: float = 240, probe: str = "readinessProbe") -> None:
+        """Wait until every container passes `probe` (a pod that can never be ready waits for "startupProbe")."""
+        def passing() -> bool:
             if not pod.alive():
-                raise AssertionError(f"{pod.name} exited before it was ready\n{pod.log()[-4000:]}")
-            return all(self.probe(pod, c, "readinessProbe") for c in pod.template["spec"]["containers"])
+                raise AssertionError(f"{pod.name} exited before it passed its {probe}\n{pod.log()[-4000:]}")
+            return all(self.probe(pod, c, probe) for c in pod.template["spec"]["containers"])
 
-        wait_until(ready, timeout_s, f"{pod.name} to be ready")
+        wait_until(passing, timeout_s, f"{pod.name} to pass its {probe}")
 
     def probe(self, pod: ReplayedPod, container: dict, kind: str) -> bool:
         """Run one of a container's HTTP probes (no probe: passes)."""

@@ -377,12 +377,8 @@ def test_rogue_worker_without_a_valid_key_gets_no_job(cluster, tmp_path):
               replay.start_pod(AR, patch=no_key, wait_ready=False)]
     # Both must be up (model loaded, asking for work) before the requests, or "no job" proves nothing;
     # on a busy machine a rogue can still be loading when the router has already refused the other.
-    def loaded(rogue: ReplayedPod) -> bool:
-        assert rogue.alive(), rogue.log()[-2000:]
-        return replay.probe(rogue, rogue.template["spec"]["containers"][0], "startupProbe")
-
     for rogue in rogues:
-        wait_until(lambda: loaded(rogue), 240, f"{rogue.name} to load its model")
+        replay.wait_ready(rogue, timeout_s=240, probe="startupProbe")
     # The routers notice the unknown key and count it; the keyless one cannot even start a handshake.
     wait_until(lambda: sum(v for (name, labels), v in cluster.metrics(router, HTTP_PORT).items()
                            if name == "glm_router_workers_refused_total" and any("curve" in str(x) for x in labels)) > 0,
